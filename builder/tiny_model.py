@@ -1,0 +1,181 @@
+"""Build tiny random Z-Image Turbo and safety-checker folders for CPU tries and tests.
+
+The real weights are about 33 GB and need a GPU; these folders have the same layout,
+are built from the same diffusers and transformers classes, and load through the same
+`from_pretrained` code, so everything but the picture quality can be tried on a laptop:
+
+    python builder/tiny_model.py /tmp/tiny-zimage
+    ZIMAGE_MODEL=/tmp/tiny-zimage SAFETY_CHECKER_MODEL=none python handler.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    ZImagePipeline,
+    ZImageTransformer2DModel,
+)
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import (
+    Qwen2Tokenizer,
+    Qwen3Config,
+    Qwen3Model,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTImageProcessor,
+)
+
+# Qwen3's chat markup, cut down to what ZImagePipeline uses (`enable_thinking` included).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}"
+    "{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = [
+    "a photo of a cat sitting on a red sofa, soft morning light",
+    "a watercolor painting of mountains and a lake at sunset",
+    "一只猫坐在红色沙发上，柔和的晨光",
+    "portrait of an astronaut, cinematic, highly detailed, 8k",
+]
+
+
+def tiny_tokenizer() -> Qwen2Tokenizer:
+    """A byte-level BPE tokenizer with Qwen's special tokens, trained on a few lines."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(CORPUS, trainer)
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(merge) for merge in model["merges"]]
+    tokenizer = Qwen2Tokenizer(vocab=model["vocab"], merges=merges)
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_pipeline(seed: int = 0) -> ZImagePipeline:
+    """The real ZImagePipeline classes at toy sizes; same VAE scale (8) as the real one."""
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=16,
+        dim=32,
+        n_layers=2,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        norm_eps=1e-5,
+        qk_norm=True,
+        cap_feat_dim=32,
+        rope_theta=256.0,
+        t_scale=1000.0,
+        axes_dims=[8, 4, 4],
+        axes_lens=[1536, 512, 512],
+    )
+    # Both pad tokens start as torch.empty; fix them so the saved model has no NaNs.
+    with torch.no_grad():
+        transformer.x_pad_token.fill_(1.0)
+        transformer.cap_pad_token.fill_(1.0)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[8, 8, 8, 8],
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        # The real VAE has mid-block attention; at toy width it would only cost memory.
+        mid_block_add_attention=False,
+    )
+    text_encoder = Qwen3Model(
+        Qwen3Config(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=16,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=1024,
+        )
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False
+    )
+    return ZImagePipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+
+
+def build_tiny_zimage(path: str | Path, seed: int = 0) -> Path:
+    path = Path(path)
+    tiny_pipeline(seed).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def build_tiny_safety_checker(path: str | Path, nsfw_bias: float = -10.0) -> Path:
+    """A tiny ViT classifier with labels normal/nsfw.
+
+    All weights of its head are zero and `nsfw_bias` sets P(nsfw) for every image:
+    -10 never flags, +10 always flags.
+    """
+    path = Path(path)
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=32,
+        patch_size=16,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        id2label={0: "normal", 1: "nsfw"},
+        label2id={"normal": 0, "nsfw": 1},
+    )
+    model = ViTForImageClassification(config)
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.tensor([0.0, nsfw_bias]))
+    model.save_pretrained(path, safe_serialization=True)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("path", help="folder to write the tiny Z-Image model to")
+    parser.add_argument("--safety-checker", help="also write a tiny never-flagging checker here")
+    args = parser.parse_args()
+    print(f"tiny Z-Image model written to {build_tiny_zimage(args.path)}")
+    if args.safety_checker:
+        print(f"tiny safety checker written to {build_tiny_safety_checker(args.safety_checker)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Z-Image Turbo as a Runpod serverless worker.
+
+    python handler.py                                   # runs test_input.json once
+    python handler.py --test_input '{"input": {...}}'   # runs one job and exits
+    python handler.py --rp_serve_api --rp_api_port 8000 # local /runsync, /run, /status
+
+Deployed, this file is the container's command: the weights load once, before the
+first job is taken. The work lives in src/ (see README, "Layout").
+"""
+
+import time
+
+STARTED = time.perf_counter()
+
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+
+import runpod  # noqa: E402
+
+from src.logs import add_secret, configure_logging  # noqa: E402
+from src.model_files import ModelNotFound  # noqa: E402
+from src.safety import SafetyModelError  # noqa: E402
+from src.settings import Settings, SettingsError  # noqa: E402
+from src.worker import Worker  # noqa: E402
+
+log = logging.getLogger("src.handler")
+
+
+def main() -> None:
+    configure_logging()
+    log.info("imports took %.0f ms", (time.perf_counter() - STARTED) * 1000)
+    try:
+        settings = Settings.from_env(os.environ)
+        add_secret(settings.bucket_access_key_id)
+        add_secret(settings.bucket_secret_access_key)
+        worker = Worker.start(settings)
+    except (SettingsError, ModelNotFound, SafetyModelError) as err:
+        log.error("cannot start: %s", err)
+        sys.exit(1)
+    log.info("cold start: %.0f ms from process start to taking jobs", (time.perf_counter() - STARTED) * 1000)
+    runpod.serverless.start({"handler": worker.handle})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Z-Image Turbo on the Runpod serverless SDK: one module per concern (see README)."""

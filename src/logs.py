@@ -1,0 +1,75 @@
+"""Logging at INFO by default, with image data, signatures and secrets redacted.
+
+The Runpod SDK logs at DEBUG unless told otherwise, and then prints every job's whole
+input and output; even at INFO its local runner prints the whole result. Every line,
+ours and the SDK's, goes through `redact` so no base64 image, presigned signature or
+storage credential reaches the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+
+_SECRETS: set[str] = set()
+_DATA_URI = re.compile(r"(data:[\w/.+-]+;base64,)([A-Za-z0-9+/=]{16,})")
+_LONG_BASE64 = re.compile(r"[A-Za-z0-9+/]{200,}={0,2}")
+_SIGNED_PARAMS = re.compile(
+    r"((?:X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|Signature|AWSAccessKeyId)=)[^&\s'\"]+",
+    re.IGNORECASE,
+)
+
+
+def redact(text: str) -> str:
+    text = _DATA_URI.sub(lambda m: f"{m[1]}<{len(m[2])} chars>", text)
+    text = _LONG_BASE64.sub(lambda m: f"<base64, {len(m[0])} chars>", text)
+    text = _SIGNED_PARAMS.sub(r"\1<redacted>", text)
+    for secret in _SECRETS:
+        text = text.replace(secret, "<redacted>")
+    return text
+
+
+def add_secret(value: str | None) -> None:
+    """A value that must never be logged (storage keys)."""
+    if value and len(value) >= 4:
+        _SECRETS.add(value)
+
+
+class _RedactingFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = redact(record.getMessage())
+        record.args = None
+        return True
+
+
+def configure_logging() -> None:
+    level = os.environ.get("RUNPOD_LOG_LEVEL") or os.environ.get("RUNPOD_DEBUG_LEVEL") or "INFO"
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(levelname)-7s| %(name)s | %(message)s"))
+    handler.addFilter(_RedactingFilter())
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    logging.getLogger("src").setLevel(level.upper() if level.upper() in logging._nameToLevel else "INFO")
+    for noisy in ("httpx", "botocore", "boto3", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    import diffusers
+    import transformers
+    from runpod.serverless.modules.rp_logger import RunPodLogger
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_warning()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+    runpod_logger = RunPodLogger()
+    runpod_logger.set_level(level.upper())
+    if not getattr(RunPodLogger.log, "redacting", False):
+        original = RunPodLogger.log
+
+        def log(self, message, message_level="INFO", job_id=None):
+            return original(self, redact(str(message)), message_level, job_id)
+
+        log.redacting = True
+        RunPodLogger.log = log

@@ -1,0 +1,117 @@
+"""Z-Image Turbo: load once, then text-to-image and image-to-image on one set of weights.
+
+The diffusers pipelines do the work; this module calls them in three timed stages
+(prompt encoding, denoising to latents, VAE decode) so each stage is measured and the
+decoded images stay on the device for the safety checker.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from diffusers import ZImageImg2ImgPipeline, ZImagePipeline
+from PIL import Image
+
+from src.request import GenerateRequest
+from src.timing import Stopwatch
+
+log = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, int], None]
+
+
+def pick_device() -> tuple[torch.device, torch.dtype]:
+    """bf16 on CUDA (the weights' native precision); fp32 on CPU, where bf16 is slow."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16
+    return torch.device("cpu"), torch.float32
+
+
+def load_pipeline(folder: Path, dtype: torch.dtype) -> ZImagePipeline:
+    """The text-to-image pipeline from a local folder: safetensors only, never pickle."""
+    return ZImagePipeline.from_pretrained(folder, dtype=dtype, use_safetensors=True, local_files_only=True)
+
+
+class ZImageGenerator:
+    def __init__(self, text_to_image: ZImagePipeline, device: torch.device) -> None:
+        self.device = device
+        self.text_to_image = text_to_image
+        # Built from the same component objects: no second copy of any weight, and no
+        # dtype change (`from_pipe` without an explicit dtype would cast them to fp32).
+        self.image_to_image = ZImageImg2ImgPipeline(**text_to_image.components)
+        for pipe in (self.text_to_image, self.image_to_image):
+            pipe.set_progress_bar_config(disable=True)
+
+    def warm_up(self) -> None:
+        """One small job before the first real one, so lazy CUDA/cuBLAS set-up is not billed to it."""
+        request = GenerateRequest(prompt="warm-up", size="512*512", num_inference_steps=2)
+        self.generate(request, seed=0, clock=Stopwatch(self.device))
+
+    def generate(
+        self,
+        request: GenerateRequest,
+        seed: int,
+        clock: Stopwatch,
+        init_image: Image.Image | None = None,
+        on_step: StepCallback | None = None,
+    ) -> torch.Tensor:
+        """Decoded images in [0, 1], shape (n, 3, H, W), still on the device."""
+        n = request.num_images
+        # One generator per image, seeded seed + i: image i of a batch is the image a
+        # single request with that seed makes.
+        generators = [torch.Generator(self.device).manual_seed((seed + i) % 2**32) for i in range(n)]
+        use_cfg = request.guidance_scale > 0
+        pipe = self.text_to_image if init_image is None else self.image_to_image
+
+        # 1. Encode the prompt (and the negative prompt only when guidance uses it).
+        with torch.inference_mode():
+            prompt_embeds, negative_embeds = pipe.encode_prompt(
+                prompt=request.prompt,
+                device=self.device,
+                do_classifier_free_guidance=use_cfg,
+                negative_prompt=request.negative_prompt if use_cfg else None,
+            )
+        clock.lap("encode_prompt")
+
+        # 2. Denoise to latents; progress after every transformer step.
+        def step_end(pipeline, step, timestep, tensors):
+            if on_step is not None:
+                on_step(step + 1, pipeline.num_timesteps)
+            return {}
+
+        kwargs = dict(
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_embeds if use_cfg else None,
+            height=request.height,
+            width=request.width,
+            num_inference_steps=request.num_inference_steps,
+            guidance_scale=request.guidance_scale,
+            num_images_per_prompt=n,
+            generator=generators,
+            output_type="latent",
+            callback_on_step_end=step_end,
+        )
+        if init_image is not None:
+            # One copy of the input per image, so each is VAE-encoded with its own generator
+            # (as a single-image request with that seed would be).
+            kwargs.update(image=[init_image] * n, strength=request.strength)
+        latents = pipe(**kwargs).images
+        clock.lap("denoise")
+
+        # 3. Decode, denormalise to [0, 1]; the images stay on the device.
+        with torch.inference_mode():
+            vae = pipe.vae
+            latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+            decoded = vae.decode(latents, return_dict=False)[0]
+            images = pipe.image_processor.postprocess(decoded, output_type="pt")
+        clock.lap("decode")
+        return images
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(n, 3, H, W) in [0, 1] -> PIL images; the byte conversion runs on the device."""
+    pixels = (images * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(array) for array in pixels]

@@ -1,0 +1,121 @@
+"""Deployment settings, read from the environment in this one place.
+
+`Settings.from_env(env)` takes the environment as a plain mapping so tests pass a dict.
+A bad value raises `SettingsError` naming the variable; the worker stops at start.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+
+class SettingsError(ValueError):
+    """A setting has a value the worker cannot run with."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    # A local diffusers folder, or a Hugging Face repo id looked up in the local caches.
+    model: str = "Tongyi-MAI/Z-Image-Turbo"
+    # A transformers image classifier with an `nsfw` label, or "none" to turn checking off.
+    safety_checker_model: str = "Falconsai/nsfw_image_detection"
+    # An image is flagged when P(nsfw) >= this.
+    safety_threshold: float = 0.5
+    # S3-compatible storage; all three set means images are uploaded.
+    bucket_endpoint_url: str | None = None
+    bucket_access_key_id: str | None = None
+    bucket_secret_access_key: str | None = None
+    # The bucket that receives uploads.
+    bucket_name: str = "zimage-outputs"
+    # SigV4 region; empty: taken from an AWS/B2 endpoint host, "auto" for R2, else us-east-1.
+    bucket_region: str | None = None
+    # "auto" (virtual-hosted on amazonaws.com, path-style elsewhere), "path" or "virtual".
+    bucket_addressing_style: str = "auto"
+    # What one returned image costs; `cost` = this x images returned.
+    price_per_image_usd: float = 0.005
+    # Runpod sets RUNPOD_WEBHOOK_POST_OUTPUT on its workers: only there do progress updates go out.
+    report_progress: bool = False
+    # "fp8" turns on float8 matmuls on GPUs that have them; "none" keeps bf16.
+    acceleration: str = "none"
+
+    @property
+    def storage_enabled(self) -> bool:
+        return self.bucket_endpoint_url is not None
+
+    @property
+    def safety_enabled(self) -> bool:
+        return self.safety_checker_model.lower() != "none"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        def text(name: str, default: str | None) -> str | None:
+            value = env.get(name, "").strip()
+            return value or default
+
+        bucket = {
+            name: text(name, None)
+            for name in ("BUCKET_ENDPOINT_URL", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY")
+        }
+        missing = [name for name, value in bucket.items() if value is None]
+        if 0 < len(missing) < len(bucket):
+            raise SettingsError(
+                f"{', '.join(missing)} not set: storage needs all of BUCKET_ENDPOINT_URL, "
+                "BUCKET_ACCESS_KEY_ID and BUCKET_SECRET_ACCESS_KEY (or none of them, to return data URIs)"
+            )
+        endpoint = bucket["BUCKET_ENDPOINT_URL"]
+        if endpoint is not None:
+            parsed = urlparse(endpoint)
+            if parsed.scheme not in ("http", "https") or not parsed.hostname:
+                raise SettingsError(
+                    f"BUCKET_ENDPOINT_URL: {endpoint!r} is not an http(s) URL "
+                    "(e.g. https://<account>.r2.cloudflarestorage.com or https://s3.us-east-1.amazonaws.com)"
+                )
+
+        bucket_name = text("BUCKET_NAME", cls.bucket_name)
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.\-_]{1,61}[a-z0-9]", bucket_name):
+            raise SettingsError(
+                f"BUCKET_NAME: {bucket_name!r} is not a bucket name: use 3 to 63 lowercase letters, "
+                "digits, dots and hyphens, starting and ending with a letter or digit"
+            )
+
+        addressing = text("BUCKET_ADDRESSING_STYLE", cls.bucket_addressing_style).lower()
+        if addressing not in ("auto", "path", "virtual"):
+            raise SettingsError(
+                f"BUCKET_ADDRESSING_STYLE: {addressing!r} is not allowed: use 'auto', 'path' or 'virtual'"
+            )
+
+        acceleration = text("ZIMAGE_ACCELERATION", cls.acceleration).lower()
+        if acceleration not in ("none", "fp8"):
+            raise SettingsError(f"ZIMAGE_ACCELERATION: {acceleration!r} is not allowed: use 'none' or 'fp8'")
+
+        return cls(
+            model=text("ZIMAGE_MODEL", cls.model),
+            safety_checker_model=text("SAFETY_CHECKER_MODEL", cls.safety_checker_model),
+            safety_threshold=_number(env, "SAFETY_THRESHOLD", cls.safety_threshold, 0.0, 1.0),
+            bucket_endpoint_url=endpoint,
+            bucket_access_key_id=bucket["BUCKET_ACCESS_KEY_ID"],
+            bucket_secret_access_key=bucket["BUCKET_SECRET_ACCESS_KEY"],
+            bucket_name=bucket_name,
+            bucket_region=text("BUCKET_REGION", None),
+            bucket_addressing_style=addressing,
+            price_per_image_usd=_number(env, "PRICE_PER_IMAGE_USD", cls.price_per_image_usd, 0.0, 1000.0),
+            acceleration=acceleration,
+            report_progress=bool(text("RUNPOD_WEBHOOK_POST_OUTPUT", None)),
+        )
+
+
+def _number(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not low <= value <= high:
+        raise SettingsError(f"{name}: {raw!r} is not allowed: it must be a number from {low:g} to {high:g}")
+    return value

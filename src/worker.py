@@ -1,0 +1,209 @@
+"""The worker: everything loaded once at start, then one `handle(job)` per job.
+
+`handle` is the one place where failures become `{"error": ...}`: a `JobError` passes
+its message through; running out of GPU memory frees it and says so; anything else is
+logged with its traceback and reported as a short internal error. The worker keeps
+serving after every one of them.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from src.errors import JobError, error_output
+from src.input_image import load_image
+from src.model_files import SearchRoots, missing_classifier_files, missing_pipeline_files, resolve_model
+from src.output_image import data_uri, encode_image
+from src.pipeline import StepCallback, ZImageGenerator, load_pipeline, pick_device, to_pil
+from src.pricing import job_cost
+from src.request import MAX_SEED, GenerateRequest, parse_request
+from src.safety import SafetyChecker
+from src.settings import Settings
+from src.storage import Storage
+from src.timing import Stopwatch
+
+log = logging.getLogger(__name__)
+
+# Runpod rejects results over 20 MB (/run: 10 MB); data URIs past that fail the job instead.
+MAX_RESULT_BYTES = 20_000_000
+TIMING_KEYS = ("load_input", "encode_prompt", "denoise", "decode", "safety", "encode_image", "upload")
+
+
+@dataclass
+class Worker:
+    settings: Settings
+    generator: ZImageGenerator
+    safety: SafetyChecker | None
+    storage: Storage | None
+
+    @classmethod
+    def start(cls, settings: Settings, roots: SearchRoots | None = None) -> Worker:
+        """Load everything a job needs, logging each part of the cold start."""
+        device, dtype = pick_device()
+        clock = Stopwatch(device)
+        folder = resolve_model(settings.model, missing_pipeline_files, "ZIMAGE_MODEL", roots)
+        clock.lap("find_model")
+        pipe = load_pipeline(folder, dtype)
+        clock.lap("load_weights")
+        generator = ZImageGenerator(pipe.to(device), device)
+        clock.lap("move_to_device")
+        safety = None
+        if settings.safety_enabled:
+            checker_folder = resolve_model(
+                settings.safety_checker_model, missing_classifier_files, "SAFETY_CHECKER_MODEL", roots
+            )
+            safety = SafetyChecker.load(checker_folder, settings.safety_threshold, device, dtype)
+        else:
+            log.warning("SAFETY_CHECKER_MODEL=none: images are returned without any content check")
+        clock.lap("load_safety_checker")
+        storage = Storage(settings) if settings.storage_enabled else None
+        clock.lap("connect_storage")
+        generator.warm_up()
+        clock.lap("warm_up")
+        parts = ", ".join(f"{name} {ms:.0f} ms" for name, ms in clock.timings.items())
+        log.info("ready on %s (%s): %s", device, str(dtype).removeprefix("torch."), parts)
+        return cls(settings, generator, safety, storage)
+
+    def handle(self, job: dict[str, Any]) -> dict[str, Any]:
+        job_id = str(job.get("id", "local"))
+        out_of_memory = False
+        try:
+            return self.run(job_id, job.get("input"), _progress_reporter(job, self.settings))
+        except JobError as err:
+            log.info("job %s failed: %s", job_id, err)
+            return error_output(str(err))
+        except torch.OutOfMemoryError:
+            out_of_memory = True
+            log.error("job %s: out of GPU memory", job_id)
+            return error_output(
+                "out of GPU memory for this request: try a smaller size or fewer images "
+                "(the worker freed the memory and keeps serving)"
+            )
+        except Exception:
+            log.exception("job %s: unexpected error", job_id)
+            return error_output(
+                f"internal error in job {job_id}; the worker logged the details and keeps serving"
+            )
+        finally:
+            if out_of_memory:  # after the except block, so the traceback's tensors are gone too
+                free_memory()
+
+    def run(self, job_id: str, raw_input: Any, on_step: StepCallback | None = None) -> dict[str, Any]:
+        clock = Stopwatch(self.generator.device)
+        request = parse_request(raw_input)
+        seed = request.seed if request.seed >= 0 else random.randint(0, MAX_SEED)
+        log.info(
+            "job %s: %s, prompt %d chars sha256 %s, %s x%d, %d steps, seed %d",
+            job_id,
+            "image-to-image" if request.image else "text-to-image",
+            len(request.prompt),
+            hashlib.sha256(request.prompt.encode()).hexdigest()[:12],
+            request.size,
+            request.num_images,
+            request.num_inference_steps,
+            seed,
+        )
+
+        # 1. The input image, if any, fetched or decoded and fitted to the size.
+        init_image = load_image(request.image, request.width, request.height) if request.image else None
+        clock.lap("load_input")
+
+        # 2. Generate (strength 0 returns the fitted input untouched by the model).
+        if init_image is not None and request.strength == 0:
+            images = _as_tensor(init_image, self.generator.device).repeat(request.num_images, 1, 1, 1)
+        else:
+            images = self.generator.generate(request, seed, clock, init_image, on_step)
+
+        # 3. Check every image in one batch; flagged ones are dropped before encoding.
+        checking = request.enable_safety_checker and self.safety is not None
+        flags = self.safety.flags(images) if checking else [False] * request.num_images
+        clock.lap("safety")
+        kept = [i for i, flagged in enumerate(flags) if not flagged]
+        if not kept:
+            raise JobError(
+                f"safety: all {len(flags)} generated image(s) were flagged as NSFW by the safety checker "
+                "and dropped; nothing was returned or charged. Try another prompt or seed."
+            )
+
+        # 4. Encode and deliver.
+        encoded = [
+            encode_image(image, request.output_format, request.output_quality)
+            for image in to_pil(images[kept])
+        ]
+        clock.lap("encode_image")
+        urls = self._deliver(job_id, encoded, request)
+        clock.lap("upload")
+        return self._output(request, seed, kept, urls, flags, clock)
+
+    def _deliver(self, job_id: str, encoded: list[bytes], request: GenerateRequest) -> list[str]:
+        if self.storage is not None:
+            return self.storage.upload_all(job_id, encoded, request.output_format)
+        return [data_uri(data, request.output_format) for data in encoded]
+
+    def _output(
+        self,
+        request: GenerateRequest,
+        seed: int,
+        kept: list[int],
+        urls: list[str],
+        flags: list[bool],
+        clock: Stopwatch,
+    ) -> dict[str, Any]:
+        seeds = [(seed + i) % 2**32 for i in kept]
+        output: dict[str, Any] = {"image_url": urls[0]}
+        if request.num_images > 1:
+            output["images"] = [{"image_url": url, "seed": s} for url, s in zip(urls, seeds, strict=True)]
+        timings = {key: clock.timings.get(key, 0.0) for key in TIMING_KEYS}
+        timings["total"] = clock.total_ms()
+        output.update(
+            seed=seeds[0],
+            cost=job_cost(self.settings.price_per_image_usd, len(kept)),
+            width=request.width,
+            height=request.height,
+            output_format=request.output_format,
+            has_nsfw_concepts=flags,
+            timings=timings,
+        )
+        size = len(json.dumps(output))
+        if size > MAX_RESULT_BYTES:  # only data URIs get this big; a cut or broken result is worse
+            raise JobError(
+                f"output: {len(urls)} {request.output_format} image(s) at {request.size} make a "
+                f"{size / 1e6:.1f} MB response, over Runpod's {MAX_RESULT_BYTES // 1_000_000} MB result limit "
+                "(10 MB for /run). Configure a bucket (BUCKET_* settings), or use output_format 'jpeg' or "
+                "'webp', fewer images, or a smaller size."
+            )
+        return output
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _as_tensor(image: Image.Image, device: torch.device) -> torch.Tensor:
+    """PIL RGB -> (1, 3, H, W) in [0, 1]; to_pil turns it back into the same bytes."""
+    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+    return (array.permute(2, 0, 1).unsqueeze(0).to(device, torch.float32)) / 255.0
+
+
+def _progress_reporter(job: dict[str, Any], settings: Settings) -> StepCallback | None:
+    """Per-step progress through the Runpod SDK, only where a platform receives it."""
+    if not settings.report_progress:
+        return None
+    from runpod.serverless import progress_update
+
+    def report(step: int, total: int) -> None:
+        progress_update(job, {"stage": "denoise", "step": step, "steps": total})
+
+    return report
