@@ -1,11 +1,11 @@
 """Where the weights are: resolve a folder or a Hugging Face repo id to a complete local folder.
 
 Searched in this order, each step logged:
-1. the setting itself, when it names a folder;
+1. the setting itself, when it names a folder (an absolute or ./relative path, or an existing folder);
 2. Runpod's cached models (`/runpod-volume/huggingface-cache/hub`, Hugging Face cache layout);
 3. a network volume (`/runpod-volume/models/<name>` or `/runpod-volume/<org>/<name>`);
 4. the folder the Docker image bakes the weights into (`/models/<name>`);
-5. the Hugging Face cache (`HF_HOME`), downloading only when `ZIMAGE_ALLOW_DOWNLOAD=1`.
+5. the Hugging Face cache (`HF_HUB_CACHE`), downloading only when `ZIMAGE_ALLOW_DOWNLOAD=1`.
 Nothing here loads a weight; a missing or incomplete model raises `ModelNotFound` with
 every place looked at, so the worker stops at start instead of failing each job.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,20 @@ HOW_TO_FIX = (
     "model for the repo on the endpoint, mount a network volume holding the folder, or set {name} "
     "to a local diffusers folder (for a CPU try: python builder/tiny_model.py /tmp/tiny-zimage)."
 )
+# Formats the worker never loads (it reads safetensors only): a runtime download skips them,
+# which for some repos halves the bytes and keeps pickles off the machine.
+NOT_NEEDED = [
+    "*.bin",
+    "*.pt",
+    "*.pth",
+    "*.ckpt",
+    "*.pkl",
+    "*.onnx",
+    "*.onnx_data",
+    "*.gguf",
+    "*.msgpack",
+    "*.h5",
+]
 
 
 class ModelNotFound(RuntimeError):
@@ -38,8 +52,8 @@ class SearchRoots:
     runpod_cache: Path = Path("/runpod-volume/huggingface-cache/hub")
     volume: Path = Path("/runpod-volume")
     baked: Path = Path("/models")
-    hf_cache: Path | None = None  # None: huggingface_hub's own default (HF_HOME)
-    allow_download: bool = False
+    hf_cache: Path | None = None  # None: huggingface_hub's own default (HF_HUB_CACHE)
+    allow_download: bool = False  # Settings.allow_download (ZIMAGE_ALLOW_DOWNLOAD)
 
 
 def resolve_model(
@@ -49,9 +63,9 @@ def resolve_model(
     roots = roots or SearchRoots()
     looked: list[str] = []
     for where, folder in _candidates(setting, roots):
-        if folder is None or not folder.is_dir():
-            looked.append(f"{where}: not there")
-            log.info("model %s: %s: not there", setting, where)
+        if not folder.is_dir():
+            looked.append(f"{where} ({folder}): not there")
+            log.info("model %s: %s (%s): not there", setting, where, folder)
             continue
         missing = check(folder)
         if not missing:
@@ -59,6 +73,11 @@ def resolve_model(
             return folder
         looked.append(f"{where} ({folder}): incomplete, missing {', '.join(missing)}")
         log.warning("model %s: %s is incomplete: missing %s", setting, folder, ", ".join(missing))
+    if _is_repo_id(setting):
+        downloaded, note = _download(setting, roots, check)
+        if downloaded is not None:
+            return downloaded
+        looked.append(note)
     raise ModelNotFound(
         f"{env_name}: no complete model for {setting!r}. Looked in: "
         + "; ".join(looked)
@@ -67,29 +86,77 @@ def resolve_model(
     )
 
 
-def _candidates(setting: str, roots: SearchRoots):
+def _is_repo_id(setting: str) -> bool:
+    """'Org/Name' that is not a path: an absolute, ./relative or existing folder is taken as a folder."""
     path = Path(setting).expanduser()
-    if path.is_absolute() or setting.startswith(".") or path.is_dir() or setting.count("/") != 1:
-        yield "the folder named by the setting", path
+    return not (path.is_absolute() or setting.startswith(".") or path.is_dir()) and setting.count("/") == 1
+
+
+def _candidates(setting: str, roots: SearchRoots) -> Iterator[tuple[str, Path]]:
+    if not _is_repo_id(setting):
+        yield "the folder named by the setting", Path(setting).expanduser()
         return
     name = setting.split("/")[1]
-    yield "Runpod cached models", _hf_snapshot(setting, roots.runpod_cache, download=False)
+    yield from (("Runpod cached models", s) for s in hf_cache_snapshots(setting, roots.runpod_cache))
     yield "network volume", roots.volume / "models" / name
     yield "network volume", roots.volume / setting
     yield "weights baked into the image", roots.baked / name
-    yield "Hugging Face cache", _hf_snapshot(setting, roots.hf_cache, download=roots.allow_download)
+    yield from (("Hugging Face cache", s) for s in hf_cache_snapshots(setting, _hf_cache(roots)))
 
 
-def _hf_snapshot(repo_id: str, cache_dir: Path | None, download: bool) -> Path | None:
-    from huggingface_hub import snapshot_download
+def _hf_cache(roots: SearchRoots) -> Path:
+    if roots.hf_cache is not None:
+        return roots.hf_cache
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def hf_cache_snapshots(repo_id: str, cache: Path) -> list[Path]:
+    """The snapshot folders of `repo_id` in a Hugging Face cache, the one `refs/main` names first.
+
+    Read directly rather than through `snapshot_download(local_files_only=True)`: Runpod's
+    cache is documented only as `models--Org--Name/snapshots/<hash>/`, and a cache filled
+    at a pinned revision has no `refs/main`; every snapshot is then tried, newest first.
+    With no snapshot at all, the repo folder itself is returned so the message shows it.
+    """
+    repo_dir = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshots = repo_dir / "snapshots"
+    found = sorted(
+        (s for s in snapshots.iterdir() if s.is_dir()) if snapshots.is_dir() else [],
+        key=lambda s: s.stat().st_mtime,
+        reverse=True,
+    )
+    ref = repo_dir / "refs" / "main"
+    if ref.is_file():
+        main = snapshots / ref.read_text().strip()
+        if main in found:
+            found.remove(main)
+            found.insert(0, main)
+    return found or [repo_dir]
+
+
+def _download(
+    setting: str, roots: SearchRoots, check: Callable[[Path], list[str]]
+) -> tuple[Path | None, str]:
+    """Fetch into the Hugging Face cache when allowed; (folder, "") or (None, why not)."""
+    if not roots.allow_download:
+        return None, "download from Hugging Face: off (set ZIMAGE_ALLOW_DOWNLOAD=1 to allow it)"
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    if cache_dir is not None and not cache_dir.is_dir():
-        return None
+    if constants.HF_HUB_OFFLINE:  # the image sets it: a download would fail after a long wait
+        return None, "download from Hugging Face: ZIMAGE_ALLOW_DOWNLOAD=1 but HF_HUB_OFFLINE=1 forbids it"
+    log.info("model %s: downloading from Hugging Face (ZIMAGE_ALLOW_DOWNLOAD=1)", setting)
     try:
-        return Path(snapshot_download(repo_id, cache_dir=cache_dir, local_files_only=not download))
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError):
-        return None
+        folder = Path(snapshot_download(setting, cache_dir=roots.hf_cache, ignore_patterns=NOT_NEEDED))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
+        return None, f"download from Hugging Face: failed ({type(err).__name__})"
+    missing = check(folder)
+    if missing:
+        return None, f"download from Hugging Face ({folder}): incomplete, missing {', '.join(missing)}"
+    log.info("model %s: using %s (downloaded)", setting, folder)
+    return folder, ""
 
 
 def missing_pipeline_files(folder: Path) -> list[str]:
@@ -103,7 +170,8 @@ def missing_pipeline_files(folder: Path) -> list[str]:
         return ["a readable model_index.json"]
     missing = []
     for component, spec in index.items():
-        if component.startswith("_") or not isinstance(spec, list):
+        # [null, null] marks an optional component the pipeline was saved without.
+        if component.startswith("_") or not isinstance(spec, list) or None in spec:
             continue
         sub = folder / component
         if component == "tokenizer":
@@ -112,8 +180,7 @@ def missing_pipeline_files(folder: Path) -> list[str]:
             needed = ["scheduler_config.json"]
         else:
             needed = ["config.json"]
-            if not any(sub.glob("*.safetensors")):
-                missing.append(f"{component}/*.safetensors")
+            missing += [f"{component}/{name}" for name in missing_weights(sub)]
         missing += [f"{component}/{name}" for name in needed if not (sub / name).is_file()]
     return missing
 
@@ -121,7 +188,23 @@ def missing_pipeline_files(folder: Path) -> list[str]:
 def missing_classifier_files(folder: Path) -> list[str]:
     """What a transformers image-classification folder lacks."""
     needed = ["config.json", "preprocessor_config.json"]
-    missing = [name for name in needed if not (folder / name).is_file()]
-    if not any(folder.glob("*.safetensors")):
-        missing.append("*.safetensors")
+    return [name for name in needed if not (folder / name).is_file()] + missing_weights(folder)
+
+
+def missing_weights(folder: Path) -> list[str]:
+    """The safetensors a model folder lacks: every shard its index names, or at least one file.
+
+    `is_file` follows symlinks, so a Hugging Face cache entry whose blob is gone counts as missing.
+    """
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if not indexes:
+        return [] if any(p.is_file() for p in folder.glob("*.safetensors")) else ["*.safetensors"]
+    missing = []
+    for index in indexes:
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError):
+            missing.append(f"a readable {index.name}")
+            continue
+        missing += [shard for shard in sorted(shards) if not (folder / shard).is_file()]
     return missing

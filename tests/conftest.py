@@ -1,0 +1,228 @@
+"""Shared fixtures: tiny real models, the worker in-process, and the worker as a local API.
+
+Nothing here reaches the network: models are built from the real diffusers and
+transformers classes with random weights, and every server listens on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import requests
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from builder.tiny_model import build_tiny_safety_checker, build_tiny_zimage  # noqa: E402
+from src.settings import Settings  # noqa: E402
+from src.worker import Worker  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_zimage(tmp_path_factory.mktemp("models") / "tiny-zimage")
+
+
+@pytest.fixture(scope="session")
+def never_flags(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_safety_checker(tmp_path_factory.mktemp("checkers") / "never", nsfw_bias=-10.0)
+
+
+@pytest.fixture(scope="session")
+def worker(tiny_model: Path) -> Worker:
+    """The real worker on the tiny model, checker off, data URIs (no bucket)."""
+    return Worker.start(Settings(model=str(tiny_model), safety_checker_model="none"))
+
+
+def png_bytes(size: tuple[int, int] = (64, 48), color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def data_uri_of(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def decode_data_uri(uri: str) -> Image.Image:
+    header, payload = uri.split(",", 1)
+    assert header.startswith("data:image/") and header.endswith(";base64")
+    return Image.open(io.BytesIO(base64.b64decode(payload)))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- HTTP
+class Route:
+    """What the test image server answers on one path."""
+
+    def __init__(
+        self,
+        body: bytes = b"",
+        status: int = 200,
+        headers: dict | None = None,
+        delay: float = 0.0,
+        length: bool = True,
+    ):
+        self.body, self.status, self.headers, self.delay = body, status, headers or {}, delay
+        self.length = length  # False: no Content-Length, the body runs until the connection closes
+
+
+class ImageServer:
+    """A real HTTP server on loopback whose routes the tests set; it records requests."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Route] = {}
+        self.received: list[tuple[str, str, bytes]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                server.received.append(("GET", self.path, b""))
+                route = server.routes.get(self.path, Route(b"not found", 404))
+                self.send_response(route.status)
+                for key, value in route.headers.items():
+                    self.send_header(key, value)
+                if route.length and "Content-Length" not in route.headers:
+                    self.send_header("Content-Length", str(len(route.body)))
+                self.end_headers()
+                if route.delay:
+                    # Trickle the body so a slow host is slow for the whole download.
+                    for i in range(0, len(route.body), 1024):
+                        time.sleep(route.delay)
+                        self.wfile.write(route.body[i : i + 1024])
+                        self.wfile.flush()
+                else:
+                    self.wfile.write(route.body)
+
+            def do_POST(self) -> None:  # noqa: N802
+                length = int(self.headers.get("Content-Length", 0))
+                server.received.append(("POST", self.path, self.rfile.read(length)))
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def image_server() -> Iterator[ImageServer]:
+    server = ImageServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def allow_loopback_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SDK's own switch: the test server lives on 127.0.0.1, which is refused by default."""
+    monkeypatch.setenv("RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS", "1")
+
+
+# ---------------------------------------------------------------------- local API
+def worker_env(model: Path, **extra: str) -> dict[str, str]:
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("BUCKET_", "RUNPOD_", "ZIMAGE_", "SAFETY_"))
+    }
+    env.update(ZIMAGE_MODEL=str(model), SAFETY_CHECKER_MODEL="none", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    env.update(extra)
+    return env
+
+
+class LocalAPI:
+    """`python handler.py --rp_serve_api` as a subprocess on a free loopback port."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.log_file = open(log_path, "wb")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "handler.py",
+                "--rp_serve_api",
+                "--rp_api_host",
+                "127.0.0.1",
+                "--rp_api_port",
+                str(self.port),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                requests.get(f"{self.url}/docs", timeout=2)
+                return
+            except requests.ConnectionError:
+                time.sleep(0.3)
+        self.close()
+        raise RuntimeError(f"worker did not come up in 120 s:\n{self.log()}")
+
+    def runsync(self, job_input: object, timeout: float = 120) -> dict:
+        response = requests.post(f"{self.url}/runsync", json={"input": job_input}, timeout=timeout)
+        assert response.status_code == 200, response.text[:500]
+        return response.json()
+
+    def log(self) -> str:
+        self.log_file.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def close(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self.log_file.close()
+
+
+@contextmanager
+def local_api(env: dict[str, str], log_path: Path) -> Iterator[LocalAPI]:
+    api = LocalAPI(env, log_path)
+    try:
+        yield api
+    finally:
+        api.close()
+
+
+@pytest.fixture(scope="session")
+def api(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalAPI]:
+    """One shared local API on the tiny model (checker off, no bucket, loopback images allowed)."""
+    env = worker_env(tiny_model, RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS="1")
+    with local_api(env, tmp_path_factory.mktemp("logs") / "api.log") as server:
+        yield server

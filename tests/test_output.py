@@ -1,0 +1,51 @@
+"""Output encoding and pricing: real image bytes of the declared format; cost per returned image."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from src.output_image import MIME_TYPES, data_uri, encode_image
+from src.pricing import job_cost
+
+
+@pytest.fixture(scope="module")
+def picture() -> Image.Image:
+    gradient = np.linspace(0, 255, 256, dtype=np.uint8)
+    array = np.stack(np.broadcast_arrays(gradient[None, :], gradient[:, None], 128), axis=-1)
+    return Image.fromarray(array.astype(np.uint8))
+
+
+@pytest.mark.parametrize(("fmt", "pil_name"), [("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")])
+def test_each_format_is_a_real_image_of_its_type(picture, fmt, pil_name):
+    data = encode_image(picture, fmt, 90)
+    decoded = Image.open(io.BytesIO(data))
+    assert decoded.format == pil_name and decoded.size == picture.size
+    assert data_uri(data, fmt).startswith(f"data:{MIME_TYPES[fmt]};base64,")
+
+
+def test_png_is_lossless(picture):
+    assert np.array_equal(
+        np.asarray(Image.open(io.BytesIO(encode_image(picture, "png", 1)))), np.asarray(picture)
+    )
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "webp"])
+def test_quality_changes_the_bytes(picture, fmt):
+    assert len(encode_image(picture, fmt, 10)) < len(encode_image(picture, fmt, 100))
+
+
+def test_unknown_format_is_a_programming_error(picture):
+    with pytest.raises(ValueError):
+        encode_image(picture, "gif", 90)
+
+
+@pytest.mark.parametrize(
+    ("price", "count", "cost"),
+    [(0.005, 1, 0.005), (0.005, 4, 0.02), (0.005, 0, 0.0), (0.0033333333, 3, 0.01)],
+)
+def test_cost_is_price_times_images_rounded(price, count, cost):
+    assert job_cost(price, count) == cost
