@@ -178,9 +178,9 @@ class Worker:
         if size > MAX_RESULT_BYTES:  # only data URIs get this big; a cut or broken result is worse
             raise JobError(
                 f"output: {len(urls)} {request.output_format} image(s) at {request.size} make a "
-                f"{size / 1e6:.1f} MB response, over Runpod's {MAX_RESULT_BYTES // 1_000_000} MB result limit "
-                "(10 MB for /run). Configure a bucket (BUCKET_* settings), or use output_format 'jpeg' or "
-                "'webp', fewer images, or a smaller size."
+                f"{size / 1e6:.1f} MB response, over Runpod's {MAX_RESULT_BYTES // 1_000_000} MB result "
+                "limit (10 MB for /run). Configure a bucket (BUCKET_* settings), or use output_format "
+                "'jpeg' or 'webp', fewer images, or a smaller size."
             )
         return output
 
