@@ -41,6 +41,8 @@ class Settings:
     report_progress: bool = False
     # "fp8" turns on float8 matmuls on GPUs that have them; "none" keeps bf16.
     acceleration: str = "none"
+    # "1"/"true": a repo id missing from every local place is downloaded at start (needs HF_HUB_OFFLINE=0).
+    allow_download: bool = False
 
     @property
     def storage_enabled(self) -> bool:
@@ -105,7 +107,19 @@ class Settings:
             price_per_image_usd=_number(env, "PRICE_PER_IMAGE_USD", cls.price_per_image_usd, 0.0, 1000.0),
             acceleration=acceleration,
             report_progress=bool(text("RUNPOD_WEBHOOK_POST_OUTPUT", None)),
+            allow_download=_flag(env, "ZIMAGE_ALLOW_DOWNLOAD", cls.allow_download),
         )
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    if raw.lower() in ("1", "true"):
+        return True
+    if raw.lower() in ("0", "false"):
+        return False
+    raise SettingsError(f"{name}: {raw!r} is not allowed: use 1 or true for on, 0, false or unset for off")
 
 
 def _number(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
