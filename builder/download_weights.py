@@ -1,0 +1,285 @@
+"""Bake the weights into the image: fetch what the worker loads, then shrink the transformer to bf16.
+
+    python builder/download_weights.py --dest /models \\
+        --zimage-repo Tongyi-MAI/Z-Image-Turbo --zimage-revision <commit> \\
+        --safety-repo Falconsai/nsfw_image_detection --safety-revision <commit>
+
+Writes /models/<repo name> for each repo, where src/model_files.py looks for baked weights.
+Only safetensors and the configs and tokenizer files that `from_pretrained` reads are
+fetched: never pickles (.bin, .pt, .ckpt) nor other runtimes' formats (.onnx, .gguf).
+
+Z-Image Turbo's transformer is published in fp32 (about 24.6 GB). The worker runs it in
+bf16 and `from_pretrained(dtype=torch.bfloat16)` rounds every weight to bf16 at load, so
+storing it already rounded (about 12.3 GB) gives the very same weights on the GPU while
+the image is 12 GB smaller and a cold start reads half the bytes.
+
+This file imports nothing from src/: the Dockerfile copies it alone before the weights
+layer, so a change to the worker's code does not download 33 GB again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+log = logging.getLogger("download_weights")
+
+# What `ZImagePipeline.from_pretrained(use_safetensors=True)` reads: the index, each
+# component's config and safetensors (with their shard index), the scheduler and tokenizer.
+# Safetensors are taken from component folders only ("*/"): a single-file checkpoint at a
+# repo's root is another copy of the same weights.
+PIPELINE_PATTERNS = [
+    "model_index.json",
+    "*/config.json",
+    "scheduler/*",
+    "tokenizer/*",
+    "*/*.safetensors",
+    "*/*.safetensors.index.json",
+]
+# What `AutoModelForImageClassification` and `AutoImageProcessor` read.
+CLASSIFIER_PATTERNS = ["config.json", "preprocessor_config.json", "*.safetensors", "*.safetensors.index.json"]
+# Never fetched, even where an allow pattern such as "tokenizer/*" would match: pickles run
+# code when loaded, and the other formats are not read by this worker.
+NEVER = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.onnx", "*.onnx_data", "*.gguf", "*.msgpack", "*.h5"]
+# Components stored in bf16 after download (the worker casts every component to bf16 at load).
+BF16_COMPONENTS = ("transformer",)
+WIDE_FLOATS = ("float32", "float64")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line options; an empty revision (an unset Docker build arg) means the default branch."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--dest", type=Path, default=Path("/models"), help="folder that receives <repo name>/"
+    )
+    parser.add_argument("--zimage-repo", default="Tongyi-MAI/Z-Image-Turbo", help="diffusers repo id")
+    parser.add_argument("--zimage-revision", type=_revision, default=None, help="branch, tag or commit")
+    parser.add_argument(
+        "--safety-repo",
+        default="Falconsai/nsfw_image_detection",
+        help="image classifier repo id, or 'none' to bake no checker",
+    )
+    parser.add_argument("--safety-revision", type=_revision, default=None, help="branch, tag or commit")
+    parser.add_argument(
+        "--bf16-components",
+        nargs="*",
+        default=list(BF16_COMPONENTS),
+        help="pipeline components rewritten in bf16 (none: keep the published precision)",
+    )
+    parser.add_argument("--retries", type=int, default=5, help="attempts per repo before giving up")
+    parser.add_argument(
+        "--endpoint", default=None, help="Hub address (default: HF_ENDPOINT or huggingface.co)"
+    )
+    args = parser.parse_args(argv)
+    for option in ("zimage_repo", "safety_repo"):
+        repo = getattr(args, option)
+        if not (option == "safety_repo" and repo.lower() == "none") and repo.count("/") != 1:
+            parser.error(f"--{option.replace('_', '-')}: {repo!r} is not a repo id of the form Org/Name")
+    if args.retries < 1:
+        parser.error(f"--retries: {args.retries} is not allowed: use 1 or more")
+    return args
+
+
+def _revision(value: str) -> str | None:
+    return value.strip() or None
+
+
+def allow_patterns(kind: str) -> list[str]:
+    """The files to fetch for a `pipeline` (diffusers) or a `classifier` (transformers) repo."""
+    patterns = {"pipeline": PIPELINE_PATTERNS, "classifier": CLASSIFIER_PATTERNS}
+    if kind not in patterns:
+        raise ValueError(f"kind: {kind!r} is not allowed: use 'pipeline' or 'classifier'")
+    return list(patterns[kind])
+
+
+def selected_files(names: Iterable[str], kind: str) -> list[str]:
+    """Which of a repo's file names `download` fetches (the filter snapshot_download applies)."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    return list(filter_repo_objects(list(names), allow_patterns=allow_patterns(kind), ignore_patterns=NEVER))
+
+
+class IncompleteDownload(RuntimeError):
+    """The download ended without every file it should have fetched (retried)."""
+
+
+class NotAModel(RuntimeError):
+    """The repo has none of the files this kind of model needs (not retried)."""
+
+
+def download(
+    repo_id: str,
+    revision: str | None,
+    dest: Path,
+    kind: str,
+    retries: int = 5,
+    endpoint: str | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> str:
+    """Fetch the files `kind` needs into `dest`; returns the commit they came from.
+
+    The revision is resolved to a commit first, so every attempt fetches the same files,
+    and after each attempt every file the repo lists (and the patterns select) must be on
+    disk: snapshot_download returns a partly filled folder as it is when the Hub cannot be
+    reached. Attempts are spaced 2, 4, 8 ... s apart (at most 60 s); a missing repo,
+    revision or access is not retried, since waiting would not change the answer.
+    """
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    api = HfApi(endpoint=endpoint)
+    for attempt in range(1, retries + 1):
+        try:
+            info = api.model_info(repo_id, revision=revision)
+            wanted = selected_files((sibling.rfilename for sibling in info.siblings or []), kind)
+            _check_selection(repo_id, kind, wanted)
+            snapshot_download(
+                repo_id,
+                revision=info.sha,
+                local_dir=dest,
+                allow_patterns=allow_patterns(kind),
+                ignore_patterns=NEVER,
+                endpoint=endpoint,
+            )
+            missing = [name for name in wanted if not (dest / name).is_file()]
+            if missing:
+                raise IncompleteDownload(
+                    f"{len(missing)} file(s) missing after the download, e.g. {missing[0]}"
+                )
+            break
+        except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError, NotAModel):
+            raise
+        except Exception as err:  # network, rate limit, Hub outage, disk: any may pass on a retry
+            if attempt == retries:
+                raise
+            delay = min(2.0**attempt, 60.0)
+            log.warning(
+                "%s: attempt %d of %d failed (%s); retrying in %.0f s", repo_id, attempt, retries, err, delay
+            )
+            sleep(delay)
+    # huggingface_hub's bookkeeping of the download; stale once files are rewritten below.
+    shutil.rmtree(dest / ".cache", ignore_errors=True)
+    log.info("%s: %d files at commit %s in %s", repo_id, len(wanted), info.sha, dest)
+    return str(info.sha)
+
+
+def _check_selection(repo_id: str, kind: str, wanted: list[str]) -> None:
+    """Patterns that match nothing download nothing, silently: fail the build here instead."""
+    index = "model_index.json" if kind == "pipeline" else "config.json"
+    if index not in wanted or not any(name.endswith(".safetensors") for name in wanted):
+        what = "a diffusers pipeline" if kind == "pipeline" else "a transformers model"
+        raise NotAModel(
+            f"{repo_id}: no {index} and safetensors weights to fetch; is it {what} in safetensors?"
+        )
+
+
+def convert_to_bf16(component: Path) -> int:
+    """Rewrite a model folder's fp32 safetensors as bf16 in place; returns the bytes saved.
+
+    Shards keep their names, so the index's weight map stays valid; its total size and the
+    config's dtype are updated. Tensors the model class keeps in fp32 (`_keep_in_fp32_modules`,
+    which `from_pretrained` would also leave in fp32) and non-float tensors are left as they are.
+    """
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    keep = _keep_in_fp32(component)
+    before = after = 0
+    for shard in sorted(component.glob("*.safetensors")):
+        tensors = {}
+        # One shard in memory at a time (the real ones are a few GB each).
+        with safe_open(shard, framework="pt") as reader:
+            metadata = reader.metadata()
+            for name in reader.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                tensor = reader.get_tensor(name)
+                before += tensor.nbytes
+                if str(tensor.dtype).removeprefix("torch.") in WIDE_FLOATS and not _kept(name, keep):
+                    tensor = tensor.to(torch.bfloat16)
+                after += tensor.nbytes
+                tensors[name] = tensor.contiguous()
+        # Write beside, then rename: an interrupted build never leaves a half-written shard.
+        # (A symlink into a Hugging Face cache is replaced by the file; the blob is untouched.)
+        partial = shard.with_name(shard.name + ".partial")
+        save_file(tensors, partial, metadata=metadata)
+        os.replace(partial, shard)
+        del tensors
+    _update_index(component, after)
+    _update_config_dtype(component)
+    log.info("%s: %.2f GB -> %.2f GB", component, before / 1e9, after / 1e9)
+    return before - after
+
+
+def _keep_in_fp32(component: Path) -> list[str]:
+    """The model class's `_keep_in_fp32_modules`, found from its config (diffusers or transformers)."""
+    config = json.loads((component / "config.json").read_text())
+    names = [config.get("_class_name"), *(config.get("architectures") or [])]
+    for library in ("diffusers", "transformers"):
+        module = importlib.import_module(library)
+        for name in filter(None, names):
+            model_class = getattr(module, name, None)
+            if model_class is not None:
+                keep = getattr(model_class, "_keep_in_fp32_modules", None) or []
+                return [*keep, *(getattr(model_class, "_keep_in_fp32_modules_strict", None) or [])]
+    return []
+
+
+def _kept(tensor_name: str, keep: list[str]) -> bool:
+    # The same test diffusers applies when loading: a module name among the dotted parts.
+    return any(module in tensor_name.split(".") for module in keep)
+
+
+def _update_index(component: Path, total_size: int) -> None:
+    for index_file in component.glob("*.safetensors.index.json"):
+        index = json.loads(index_file.read_text())
+        index.setdefault("metadata", {})["total_size"] = total_size
+        index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _update_config_dtype(component: Path) -> None:
+    """Only keys already there: diffusers configs carry none, transformers ones `dtype`/`torch_dtype`."""
+    config_file = component / "config.json"
+    config = json.loads(config_file.read_text())
+    keys = [key for key in ("torch_dtype", "dtype") if key in config]
+    if keys:
+        config.update(dict.fromkeys(keys, "bfloat16"))
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def repo_folder(dest: Path, repo_id: str) -> Path:
+    """/models/<repo name>: the path src/model_files.py checks for baked weights."""
+    return dest / repo_id.split("/")[-1]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+
+    # 1. The pipeline, then its transformer (and any other listed component) in bf16.
+    folder = repo_folder(args.dest, args.zimage_repo)
+    download(args.zimage_repo, args.zimage_revision, folder, "pipeline", args.retries, args.endpoint)
+    for component in args.bf16_components:
+        if not (folder / component / "config.json").is_file():
+            log.error("%s: no component %r to convert (is it a diffusers pipeline?)", folder, component)
+            return 1
+        convert_to_bf16(folder / component)
+
+    # 2. The safety checker, as published (0.2 GB: not worth a conversion).
+    if args.safety_repo.lower() != "none":
+        checker = repo_folder(args.dest, args.safety_repo)
+        download(args.safety_repo, args.safety_revision, checker, "classifier", args.retries, args.endpoint)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

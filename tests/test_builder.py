@@ -1,0 +1,406 @@
+"""builder/download_weights.py: options, file selection, downloads from a loopback Hub, bf16 conversion.
+
+The Hub here is a real HTTP server on 127.0.0.1 that answers the few routes huggingface_hub
+uses (model info, tree listing, file resolve), so the real `snapshot_download` runs against
+it. The conversion is checked where it matters: the converted folder, loaded by the real
+`ZImagePipeline.from_pretrained`, makes exactly the images the original folder makes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+import pytest
+import torch
+from diffusers import ZImagePipeline, ZImageTransformer2DModel
+from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from builder import download_weights as dw
+from src.model_files import missing_classifier_files, missing_pipeline_files
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+# Files a real repo may hold besides what the worker loads: none of them may be fetched.
+NOT_FETCHED = {
+    "README.md": b"# card",
+    ".gitattributes": b"*.safetensors filter=lfs",
+    "assets/showcase.jpg": b"\xff\xd8jpeg",
+    "z_image_turbo_bf16.safetensors": b"a root single-file checkpoint",
+    "transformer/diffusion_pytorch_model.bin": b"pickle",
+    "text_encoder/pytorch_model.pt": b"pickle",
+    "vae/diffusion_pytorch_model.ckpt": b"pickle",
+    "tokenizer/extra.pkl": b"pickle",
+    "onnx/model.onnx": b"onnx",
+    "z-image-turbo-Q8_0.gguf": b"gguf",
+}
+
+
+# ------------------------------------------------------------------------ loopback Hub
+class LoopbackHub:
+    """Serves repos at one commit the way huggingface.co does, recording every request.
+
+    `fail` holds (status, X-Error-Code) answers for the next requests: (503, "") is an
+    outage, (404, "RepoNotFound") or (404, "RevisionNotFound") what the Hub says of a
+    missing repo or revision.
+    """
+
+    def __init__(self, repos: dict[str, dict[str, bytes]]) -> None:
+        self.repos = repos
+        self.requests: list[str] = []
+        self.fail: list[tuple[int, str]] = []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                path = unquote(urlparse(self.path).path)
+                hub.requests.append(f"{self.command} {path}")
+                if hub.fail:
+                    status, code = hub.fail.pop(0)
+                    return self.reply(status, b"{}", {"X-Error-Code": code} if code else {})
+                for repo, files in hub.repos.items():
+                    if answer := hub.answer(repo, files, path):
+                        return self.reply(*answer)
+                return self.reply(404, b"{}", {"X-Error-Code": "RepoNotFound"})
+
+            do_HEAD = do_GET
+
+            def reply(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+                self.send_response(status)
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    @staticmethod
+    def answer(repo: str, files: dict[str, bytes], path: str) -> tuple[int, bytes, dict[str, str]] | None:
+        """The three routes snapshot_download and model_info use, for one repo."""
+        api = f"/api/models/{repo}"
+        if path in (api, f"{api}/revision/main", f"{api}/revision/{COMMIT}"):
+            info = {"id": repo, "sha": COMMIT, "siblings": [{"rfilename": name} for name in files]}
+            return 200, json.dumps(info).encode(), {}
+        if path.startswith(f"{api}/tree/{COMMIT}"):
+            tree = [
+                {"type": "file", "path": name, "size": len(body), "oid": hashlib.sha1(body).hexdigest()}  # noqa: S324
+                for name, body in files.items()
+            ]
+            return 200, json.dumps(tree).encode(), {}
+        name = path.removeprefix(f"/{repo}/resolve/{COMMIT}/")
+        if name in files:
+            etag = hashlib.sha1(files[name]).hexdigest()  # noqa: S324
+            return 200, files[name], {"X-Repo-Commit": COMMIT, "ETag": f'"{etag}"'}
+        return None
+
+    def fetched(self, repo: str) -> set[str]:
+        """The files of `repo` whose bytes were asked for (GET, not HEAD)."""
+        prefix = f"GET /{repo}/resolve/{COMMIT}/"
+        return {line.removeprefix(prefix) for line in self.requests if line.startswith(prefix)}
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def folder_files(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+ZIMAGE, CHECKER = "Tongyi-MAI/Z-Image-Turbo", "Falconsai/nsfw_image_detection"
+
+
+@pytest.fixture
+def hub(tiny_model: Path, never_flags: Path) -> Iterator[LoopbackHub]:
+    """Both published repos, each with the files a real repo carries besides the weights we use."""
+    server = LoopbackHub(
+        {
+            ZIMAGE: folder_files(tiny_model) | NOT_FETCHED,
+            CHECKER: folder_files(never_flags) | {"pytorch_model.bin": b"pickle", "onnx/model.onnx": b"onnx"},
+        }
+    )
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def sleeps() -> list[float]:
+    return []
+
+
+# ----------------------------------------------------------------------- arguments
+def test_arguments_default_to_the_published_repos_at_their_main_branch():
+    args = dw.parse_args([])
+    assert args.dest == Path("/models")
+    assert (args.zimage_repo, args.zimage_revision) == ("Tongyi-MAI/Z-Image-Turbo", None)
+    assert (args.safety_repo, args.safety_revision) == ("Falconsai/nsfw_image_detection", None)
+    assert args.bf16_components == ["transformer"]
+    assert args.retries == 5 and args.endpoint is None
+
+
+def test_arguments_pin_revisions_and_treat_an_empty_one_as_unpinned():
+    # The Dockerfile passes unset build args as "": that must mean "main", not a revision named "".
+    args = dw.parse_args(
+        ["--dest", "/tmp/m", "--zimage-revision", COMMIT, "--safety-revision", " ", "--bf16-components"]
+    )
+    assert args.dest == Path("/tmp/m")
+    assert args.zimage_revision == COMMIT and args.safety_revision is None
+    assert args.bf16_components == []
+    assert dw.parse_args(["--safety-repo", "none"]).safety_repo == "none"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--zimage-repo", "Z-Image-Turbo"], "--zimage-repo: 'Z-Image-Turbo' is not a repo id"),
+        (["--safety-repo", "a/b/c"], "--safety-repo: 'a/b/c' is not a repo id"),
+        (["--retries", "0"], "--retries: 0 is not allowed"),
+    ],
+)
+def test_bad_arguments_stop_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        dw.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ file selection
+def test_pipeline_selection_keeps_what_from_pretrained_reads_and_no_pickle():
+    wanted = {
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "text_encoder/config.json",
+        "text_encoder/model-00001-of-00002.safetensors",
+        "text_encoder/model-00002-of-00002.safetensors",
+        "text_encoder/model.safetensors.index.json",
+        "tokenizer/merges.txt",
+        "tokenizer/tokenizer.json",
+        "tokenizer/tokenizer_config.json",
+        "tokenizer/vocab.json",
+        "transformer/config.json",
+        "transformer/diffusion_pytorch_model-00001-of-00003.safetensors",
+        "transformer/diffusion_pytorch_model-00002-of-00003.safetensors",
+        "transformer/diffusion_pytorch_model-00003-of-00003.safetensors",
+        "transformer/diffusion_pytorch_model.safetensors.index.json",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
+    }
+    listing = sorted(wanted | set(NOT_FETCHED) | {"text_encoder/generation_config.json"})
+    assert set(dw.selected_files(listing, "pipeline")) == wanted
+
+
+def test_classifier_selection_keeps_safetensors_and_configs_only():
+    listing = [
+        "README.md",
+        "config.json",
+        "preprocessor_config.json",
+        "model.safetensors",
+        "pytorch_model.bin",
+        "tf_model.h5",
+        "flax_model.msgpack",
+        "onnx/model.onnx",
+        "training_args.bin",
+    ]
+    assert set(dw.selected_files(listing, "classifier")) == {
+        "config.json",
+        "preprocessor_config.json",
+        "model.safetensors",
+    }
+
+
+def test_selection_of_a_real_pipeline_folder_is_a_complete_pipeline(tiny_model, tmp_path):
+    files = folder_files(tiny_model) | NOT_FETCHED
+    for name in dw.selected_files(files, "pipeline"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(files[name])
+    assert missing_pipeline_files(tmp_path) == []
+    assert set(folder_files(tmp_path)) == set(folder_files(tiny_model))
+
+
+def test_an_unknown_kind_is_refused():
+    with pytest.raises(ValueError, match="kind: 'lora' is not allowed"):
+        dw.allow_patterns("lora")
+
+
+# ------------------------------------------------------------------------- download
+def test_download_fetches_only_the_selected_files(hub, tiny_model, tmp_path, sleeps):
+    dest = tmp_path / "Z-Image-Turbo"
+    commit = dw.download(ZIMAGE, None, dest, "pipeline", endpoint=hub.url, sleep=sleeps.append)
+    assert commit == COMMIT
+    assert hub.fetched(ZIMAGE) == set(folder_files(tiny_model))  # nothing of NOT_FETCHED was asked for
+    assert folder_files(dest) == folder_files(tiny_model)  # and huggingface_hub's .cache is gone
+    assert sleeps == []
+
+
+def test_download_retries_an_outage_with_backoff(hub, tmp_path, sleeps):
+    hub.fail = [(503, ""), (503, "")]
+    dest = tmp_path / "Z-Image-Turbo"
+    dw.download(ZIMAGE, "main", dest, "pipeline", endpoint=hub.url, sleep=sleeps.append)
+    assert sleeps == [2.0, 4.0]
+    assert missing_pipeline_files(dest) == []
+
+
+def test_download_gives_up_after_the_last_attempt(hub, tmp_path, sleeps):
+    hub.fail = [(503, "")] * 3
+    with pytest.raises(Exception, match="503"):
+        dw.download(ZIMAGE, None, tmp_path / "z", "pipeline", 3, hub.url, sleeps.append)
+    assert sleeps == [2.0, 4.0]
+
+
+@pytest.mark.parametrize(
+    ("code", "error"),
+    [("RepoNotFound", RepositoryNotFoundError), ("RevisionNotFound", RevisionNotFoundError)],
+)
+def test_download_does_not_retry_a_missing_repo_or_revision(hub, tmp_path, sleeps, code, error):
+    hub.fail = [(404, code)]
+    with pytest.raises(error):
+        dw.download(ZIMAGE, "v9", tmp_path / "z", "pipeline", endpoint=hub.url, sleep=sleeps.append)
+    assert sleeps == [] and len(hub.requests) == 1
+
+
+def test_download_refuses_a_repo_of_the_wrong_kind(hub, tmp_path, sleeps):
+    with pytest.raises(dw.NotAModel, match="no model_index.json and safetensors weights to fetch"):
+        dw.download(CHECKER, None, tmp_path / "x", "pipeline", endpoint=hub.url, sleep=sleeps.append)
+    assert sleeps == [] and hub.fetched(CHECKER) == set()
+
+
+# ----------------------------------------------------------------------- conversion
+def shard_transformer(folder: Path) -> None:
+    """Re-save the tiny transformer in several shards with an index, as the real one is published."""
+    transformer = ZImageTransformer2DModel.from_pretrained(folder / "transformer")
+    shutil.rmtree(folder / "transformer")
+    transformer.save_pretrained(folder / "transformer", max_shard_size="400KB", safe_serialization=True)
+
+
+def dtypes(component: Path) -> set[str]:
+    found = set()
+    for shard in component.glob("*.safetensors"):
+        with safe_open(shard, framework="pt") as reader:
+            found |= {str(reader.get_tensor(name).dtype) for name in reader.keys()}  # noqa: SIM118
+    return found
+
+
+def generate(folder: Path) -> np.ndarray:
+    pipe = ZImagePipeline.from_pretrained(
+        folder, dtype=torch.bfloat16, use_safetensors=True, local_files_only=True
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(
+        prompt="a photo of a cat sitting on a red sofa",
+        height=256,
+        width=256,
+        num_inference_steps=2,
+        guidance_scale=0.0,
+        generator=torch.Generator("cpu").manual_seed(7),
+        output_type="np",
+    ).images
+
+
+@pytest.fixture
+def sharded_fp32(tiny_model: Path, tmp_path: Path) -> Path:
+    folder = tmp_path / "original"
+    shutil.copytree(tiny_model, folder)
+    shard_transformer(folder)
+    return folder
+
+
+def test_bf16_transformer_makes_the_same_images_as_loading_fp32_in_bf16(sharded_fp32, tmp_path):
+    converted = tmp_path / "converted"
+    shutil.copytree(sharded_fp32, converted)
+    index_before = json.loads(
+        (converted / "transformer/diffusion_pytorch_model.safetensors.index.json").read_text()
+    )
+    assert len(set(index_before["weight_map"].values())) > 1, "the test needs a sharded transformer"
+
+    saved = dw.convert_to_bf16(converted / "transformer")
+
+    assert dtypes(sharded_fp32 / "transformer") == {"torch.float32"}
+    assert dtypes(converted / "transformer") == {"torch.bfloat16"}
+    assert saved == index_before["metadata"]["total_size"] // 2
+    assert missing_pipeline_files(converted) == []
+    # bf16 rounding at load time and at conversion time is the same round-to-nearest-even,
+    # so the weights, and with the same seed the pixels, are identical: no tolerance needed.
+    original, halved = generate(sharded_fp32), generate(converted)
+    assert original.shape == (1, 256, 256, 3)
+    assert np.isfinite(original).all() and original.std() > 0.01  # a real picture, not NaN or flat
+    np.testing.assert_array_equal(halved, original)
+
+
+def test_conversion_rewrites_the_index_and_keeps_shard_names(sharded_fp32):
+    component = sharded_fp32 / "transformer"
+    index_file = component / "diffusion_pytorch_model.safetensors.index.json"
+    before = json.loads(index_file.read_text())
+    sizes = {p.name: p.stat().st_size for p in component.glob("*.safetensors")}
+
+    dw.convert_to_bf16(component)
+
+    after = json.loads(index_file.read_text())
+    assert after["weight_map"] == before["weight_map"]
+    assert after["metadata"]["total_size"] == before["metadata"]["total_size"] // 2
+    assert {p.name for p in component.glob("*")} == set(sizes) | {index_file.name, "config.json"}
+    for name, size in sizes.items():  # about half: each file also holds a small JSON header
+        assert (component / name).stat().st_size < size * 0.6
+    assert "dtype" not in json.loads((component / "config.json").read_text())  # diffusers configs have none
+
+
+def test_conversion_sets_a_dtype_the_config_already_names(tiny_model, tmp_path):
+    text_encoder = shutil.copytree(tiny_model / "text_encoder", tmp_path / "text_encoder")
+    assert json.loads((text_encoder / "config.json").read_text())["dtype"] == "float32"
+    dw.convert_to_bf16(text_encoder)
+    assert json.loads((text_encoder / "config.json").read_text())["dtype"] == "bfloat16"
+    assert dtypes(text_encoder) == {"torch.bfloat16"}
+
+
+def test_conversion_leaves_fp32_modules_and_integers_alone(tmp_path):
+    # WanTransformer3DModel keeps its norms in fp32 when loaded in bf16 (`_keep_in_fp32_modules`).
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "WanTransformer3DModel"}))
+    tensors = {
+        "blocks.0.attn1.to_q.weight": torch.randn(4, 4),
+        "blocks.0.norm2.weight": torch.randn(4),
+        "blocks.0.step": torch.arange(3),
+    }
+    save_file(tensors, tmp_path / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+    dw.convert_to_bf16(tmp_path)
+    with safe_open(tmp_path / "diffusion_pytorch_model.safetensors", framework="pt") as reader:
+        assert reader.metadata() == {"format": "pt"}
+        assert reader.get_tensor("blocks.0.attn1.to_q.weight").dtype == torch.bfloat16
+        assert torch.equal(reader.get_tensor("blocks.0.norm2.weight"), tensors["blocks.0.norm2.weight"])
+        assert torch.equal(reader.get_tensor("blocks.0.step"), tensors["blocks.0.step"])
+
+
+# ------------------------------------------------------------------------------ main
+def test_main_bakes_both_models_where_the_worker_looks(hub, never_flags, tmp_path):
+    assert dw.main(["--dest", str(tmp_path), "--endpoint", hub.url]) == 0
+
+    # /models/<repo name>: the folders src/model_files.py checks for baked weights.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Z-Image-Turbo", "nsfw_image_detection"]
+    assert missing_pipeline_files(tmp_path / "Z-Image-Turbo") == []
+    assert dtypes(tmp_path / "Z-Image-Turbo/transformer") == {"torch.bfloat16"}
+    assert dtypes(tmp_path / "Z-Image-Turbo/vae") == {"torch.float32"}  # only the listed components
+    assert missing_classifier_files(tmp_path / "nsfw_image_detection") == []
+    assert folder_files(tmp_path / "nsfw_image_detection") == folder_files(never_flags)
+    assert hub.fetched(CHECKER) == set(folder_files(never_flags))
+
+
+def test_main_without_a_checker_bakes_the_pipeline_only(hub, tmp_path):
+    assert dw.main(["--dest", str(tmp_path), "--endpoint", hub.url, "--safety-repo", "none"]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["Z-Image-Turbo"]
+    assert hub.fetched(CHECKER) == set()
