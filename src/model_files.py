@@ -54,6 +54,7 @@ class SearchRoots:
     baked: Path = Path("/models")
     hf_cache: Path | None = None  # None: huggingface_hub's own default (HF_HUB_CACHE)
     allow_download: bool = False  # Settings.allow_download (ZIMAGE_ALLOW_DOWNLOAD)
+    hub_endpoint: str | None = None  # None: HF_ENDPOINT or huggingface.co
 
 
 def resolve_model(
@@ -145,11 +146,15 @@ def _download(
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    if constants.HF_HUB_OFFLINE:  # the image sets it: a download would fail after a long wait
+    if constants.HF_HUB_OFFLINE:  # the image sets it; name it rather than report a bare failure
         return None, "download from Hugging Face: ZIMAGE_ALLOW_DOWNLOAD=1 but HF_HUB_OFFLINE=1 forbids it"
     log.info("model %s: downloading from Hugging Face (ZIMAGE_ALLOW_DOWNLOAD=1)", setting)
     try:
-        folder = Path(snapshot_download(setting, cache_dir=roots.hf_cache, ignore_patterns=NOT_NEEDED))
+        folder = Path(
+            snapshot_download(
+                setting, cache_dir=roots.hf_cache, ignore_patterns=NOT_NEEDED, endpoint=roots.hub_endpoint
+            )
+        )
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
         return None, f"download from Hugging Face: failed ({type(err).__name__})"
     missing = check(folder)
