@@ -222,7 +222,12 @@ def local_api(env: dict[str, str], log_path: Path) -> Iterator[LocalAPI]:
 
 @pytest.fixture(scope="session")
 def api(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalAPI]:
-    """One shared local API on the tiny model (checker off, no bucket, loopback images allowed)."""
-    env = worker_env(tiny_model, RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS="1")
+    """One shared local API on the tiny model: checker off, no bucket, production SSRF rules.
+
+    It keeps the SDK's refusal of private addresses on, so a hostile URL in a test is
+    refused before any connection; tests that fetch from the loopback image server start
+    their own worker with RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS=1 and never send other hosts.
+    """
+    env = worker_env(tiny_model)
     with local_api(env, tmp_path_factory.mktemp("logs") / "api.log") as server:
         yield server
