@@ -1,0 +1,68 @@
+# Z-Image Turbo as a Runpod serverless worker.
+#
+#   docker build -t <registry>/zimage-turbo-worker:<tag> .
+#   docker build --build-arg ZIMAGE_REVISION=<commit> --build-arg SAFETY_REVISION=<commit> ...
+#   docker build --build-arg BAKE_WEIGHTS=0 ...   # weights from Runpod cached models or a volume
+#
+# Layers run from the least to the most often changed: system and Python packages, then
+# the weights (about 12.8 GB), then the worker's code. A code change rebuilds only the last
+# layer, so it neither downloads the weights again nor makes workers pull them again.
+
+# CUDA's "base" image: the driver hooks and cudart only. The torch wheels bring their own
+# cuBLAS, cuDNN and NCCL as pip packages; a cudnn-runtime base would ship a second copy
+# (several GB) that nothing loads. 12.8 matches the cu128 wheels: hosts need driver >= 570.
+FROM nvidia/cuda:12.8.1-base-ubuntu24.04
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/venv/bin:$PATH
+
+# Ubuntu 24.04's Python 3.12, in a venv: the system Python refuses pip installs (PEP 668).
+# DL3008 (pin apt versions) is ignored on purpose: Ubuntu's archive drops superseded
+# package versions, so a pinned one stops resolving within weeks; the base image tag pins
+# the release (noble), and every Python package below is pinned exactly.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/venv
+
+# 1. Python packages. torch first, the CUDA build from PyTorch's index (PyPI's default
+#    build may target another CUDA); requirements.txt then finds torch==2.13.0 installed.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+COPY requirements.txt /tmp/requirements.txt
+RUN pip install --no-cache-dir "torch==2.13.0" --index-url "$TORCH_INDEX_URL" \
+    && pip install --no-cache-dir -r /tmp/requirements.txt
+
+# 2. Weights, baked into /models/<repo name> where src/model_files.py looks for them.
+#    Only the download script is copied here, so editing the worker keeps this layer cached.
+#    Pin the revisions (a commit hash) for reproducible images: "" means the main branch.
+ARG ZIMAGE_REPO=Tongyi-MAI/Z-Image-Turbo
+ARG ZIMAGE_REVISION=
+ARG SAFETY_REPO=Falconsai/nsfw_image_detection
+ARG SAFETY_REVISION=
+ARG BAKE_WEIGHTS=1
+COPY builder/download_weights.py /opt/builder/download_weights.py
+RUN case "$BAKE_WEIGHTS" in \
+      1) python /opt/builder/download_weights.py --dest /models \
+           --zimage-repo "$ZIMAGE_REPO" --zimage-revision "$ZIMAGE_REVISION" \
+           --safety-repo "$SAFETY_REPO" --safety-revision "$SAFETY_REVISION" ;; \
+      0) echo "BAKE_WEIGHTS=0: no weights in the image (Runpod cached models or a network volume)" ;; \
+      *) echo "BAKE_WEIGHTS must be 1 or 0, got '$BAKE_WEIGHTS'" >&2; exit 1 ;; \
+    esac
+
+# The worker looks for the repos it was built with; at run time it never reaches the Hub
+# (weights missing from every local place stop it at start, with where it looked).
+ENV ZIMAGE_MODEL=$ZIMAGE_REPO \
+    SAFETY_CHECKER_MODEL=$SAFETY_REPO \
+    HF_HUB_OFFLINE=1 \
+    HF_HUB_DISABLE_TELEMETRY=1
+
+# 3. The worker's code, last.
+WORKDIR /app
+COPY . /app
+
+CMD ["python", "-u", "handler.py"]

