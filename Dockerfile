@@ -2,7 +2,8 @@
 #
 #   docker build -t <registry>/zimage-turbo-worker:<tag> .
 #   docker build --build-arg ZIMAGE_REVISION=<commit> --build-arg SAFETY_REVISION=<commit> ...
-#   docker build --build-arg BAKE_WEIGHTS=0 ...   # weights from Runpod cached models or a volume
+#   docker build --build-arg BAKE_WEIGHTS=safety ...   # the checker only: Z-Image from Runpod's cache
+#   docker build --build-arg BAKE_WEIGHTS=0 ...        # no weights: all from a network volume
 #
 # Layers run from the least to the most often changed: system and Python packages, then
 # the weights (about 12.8 GB), then the worker's code. A code change rebuilds only the last
@@ -40,6 +41,8 @@ RUN pip install --no-cache-dir "torch==2.13.0" --index-url "$TORCH_INDEX_URL" \
 # 2. Weights, baked into /models/<repo name> where src/model_files.py looks for them.
 #    Only the download script is copied here, so editing the worker keeps this layer cached.
 #    Pin the revisions (a commit hash) for reproducible images: "" means the main branch.
+#    BAKE_WEIGHTS: 1 both models; safety the 0.3 GB checker only (an endpoint's cached model
+#    is limited to one repo: Z-Image); 0 none (a network volume holds both).
 ARG ZIMAGE_REPO=Tongyi-MAI/Z-Image-Turbo
 ARG ZIMAGE_REVISION=
 ARG SAFETY_REPO=Falconsai/nsfw_image_detection
@@ -50,8 +53,10 @@ RUN case "$BAKE_WEIGHTS" in \
       1) python /opt/builder/download_weights.py --dest /models \
            --zimage-repo "$ZIMAGE_REPO" --zimage-revision "$ZIMAGE_REVISION" \
            --safety-repo "$SAFETY_REPO" --safety-revision "$SAFETY_REVISION" ;; \
+      safety) python /opt/builder/download_weights.py --dest /models --zimage-repo none \
+           --safety-repo "$SAFETY_REPO" --safety-revision "$SAFETY_REVISION" ;; \
       0) echo "BAKE_WEIGHTS=0: no weights in the image (Runpod cached models or a network volume)" ;; \
-      *) echo "BAKE_WEIGHTS must be 1 or 0, got '$BAKE_WEIGHTS'" >&2; exit 1 ;; \
+      *) echo "BAKE_WEIGHTS must be 1, safety or 0, got '$BAKE_WEIGHTS'" >&2; exit 1 ;; \
     esac
 
 # The worker looks for the repos it was built with; at run time it never reaches the Hub

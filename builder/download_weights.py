@@ -62,7 +62,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--dest", type=Path, default=Path("/models"), help="folder that receives <repo name>/"
     )
-    parser.add_argument("--zimage-repo", default="Tongyi-MAI/Z-Image-Turbo", help="diffusers repo id")
+    parser.add_argument(
+        "--zimage-repo",
+        default="Tongyi-MAI/Z-Image-Turbo",
+        help="diffusers repo id, or 'none' to bake the checker only (Runpod cached models hold one repo)",
+    )
     parser.add_argument("--zimage-revision", type=_revision, default=None, help="branch, tag or commit")
     parser.add_argument(
         "--safety-repo",
@@ -83,8 +87,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     for option in ("zimage_repo", "safety_repo"):
         repo = getattr(args, option)
-        if not (option == "safety_repo" and repo.lower() == "none") and repo.count("/") != 1:
-            parser.error(f"--{option.replace('_', '-')}: {repo!r} is not a repo id of the form Org/Name")
+        if repo.lower() != "none" and repo.count("/") != 1:
+            parser.error(
+                f"--{option.replace('_', '-')}: {repo!r} is not a repo id of the form Org/Name (or none)"
+            )
+    if args.zimage_repo.lower() == args.safety_repo.lower() == "none":
+        parser.error("--zimage-repo and --safety-repo are both 'none': there is nothing to bake")
     if args.retries < 1:
         parser.error(f"--retries: {args.retries} is not allowed: use 1 or more")
     return args
@@ -266,13 +274,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
 
     # 1. The pipeline, then its transformer (and any other listed component) in bf16.
-    folder = repo_folder(args.dest, args.zimage_repo)
-    download(args.zimage_repo, args.zimage_revision, folder, "pipeline", args.retries, args.endpoint)
-    for component in args.bf16_components:
-        if not (folder / component / "config.json").is_file():
-            log.error("%s: no component %r to convert (is it a diffusers pipeline?)", folder, component)
-            return 1
-        convert_to_bf16(folder / component)
+    if args.zimage_repo.lower() != "none":
+        folder = repo_folder(args.dest, args.zimage_repo)
+        download(args.zimage_repo, args.zimage_revision, folder, "pipeline", args.retries, args.endpoint)
+        for component in args.bf16_components:
+            if not (folder / component / "config.json").is_file():
+                log.error("%s: no component %r to convert (is it a diffusers pipeline?)", folder, component)
+                return 1
+            convert_to_bf16(folder / component)
 
     # 2. The safety checker, as published (0.2 GB: not worth a conversion).
     if args.safety_repo.lower() != "none":

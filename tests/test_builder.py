@@ -165,6 +165,7 @@ def test_arguments_pin_revisions_and_treat_an_empty_one_as_unpinned():
     assert args.zimage_revision == COMMIT and args.safety_revision is None
     assert args.bf16_components == []
     assert dw.parse_args(["--safety-repo", "none"]).safety_repo == "none"
+    assert dw.parse_args(["--zimage-repo", "none"]).zimage_repo == "none"
 
 
 @pytest.mark.parametrize(
@@ -173,6 +174,7 @@ def test_arguments_pin_revisions_and_treat_an_empty_one_as_unpinned():
         (["--zimage-repo", "Z-Image-Turbo"], "--zimage-repo: 'Z-Image-Turbo' is not a repo id"),
         (["--safety-repo", "a/b/c"], "--safety-repo: 'a/b/c' is not a repo id"),
         (["--retries", "0"], "--retries: 0 is not allowed"),
+        (["--zimage-repo", "none", "--safety-repo", "None"], "both 'none': there is nothing to bake"),
     ],
 )
 def test_bad_arguments_stop_with_a_message(argv, message, capsys):
@@ -404,3 +406,11 @@ def test_main_without_a_checker_bakes_the_pipeline_only(hub, tmp_path):
     assert dw.main(["--dest", str(tmp_path), "--endpoint", hub.url, "--safety-repo", "none"]) == 0
     assert [p.name for p in tmp_path.iterdir()] == ["Z-Image-Turbo"]
     assert hub.fetched(CHECKER) == set()
+
+
+def test_main_without_the_pipeline_bakes_the_checker_only(hub, never_flags, tmp_path):
+    """BAKE_WEIGHTS=safety: Z-Image comes from the endpoint's cached model, which holds one repo."""
+    assert dw.main(["--dest", str(tmp_path), "--endpoint", hub.url, "--zimage-repo", "none"]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["nsfw_image_detection"]
+    assert folder_files(tmp_path / "nsfw_image_detection") == folder_files(never_flags)
+    assert hub.fetched(ZIMAGE) == set()

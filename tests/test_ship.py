@@ -21,9 +21,10 @@ from PIL import Image
 
 from builder.download_weights import repo_folder
 from src.input_image import load_image
-from src.model_files import SearchRoots
+from src.model_files import SearchRoots, missing_pipeline_files
 from src.request import parse_request
 from src.settings import Settings
+from tests import test_builder
 from tests.conftest import ROOT, decode_data_uri
 
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -40,6 +41,7 @@ GPU_POOLS = {
     "ADA_80_PRO": 80,
     "HOPPER_141": 141,
 }
+hub = test_builder.hub  # the loopback Hub fixture: both published repos, served on 127.0.0.1
 POOL_OF_GPU = {
     "NVIDIA GeForce RTX 4090": "ADA_24",
     "NVIDIA RTX A5000": "AMPERE_24",
@@ -143,6 +145,42 @@ def test_build_args_and_their_defaults():
     for name in ("ZIMAGE_REPO", "ZIMAGE_REVISION", "SAFETY_REPO", "SAFETY_REVISION", "BAKE_WEIGHTS"):
         assert f'"${name}"' in weights
     assert "--dest /models " in weights
+
+
+@pytest.mark.parametrize(
+    ("bake", "baked"),
+    [("1", ["Z-Image-Turbo", "nsfw_image_detection"]), ("safety", ["nsfw_image_detection"]), ("0", [])],
+)
+def test_the_weights_step_bakes_what_bake_weights_says(bake, baked, hub, tmp_path):
+    """The Dockerfile's own RUN line, in a shell, against a loopback Hub (no Docker engine here)."""
+    script = instructions()[index_of(lambda op, args: op == "RUN" and "download_weights.py" in args)][1]
+    script = script.replace("/opt/builder/download_weights.py", str(ROOT / "builder/download_weights.py"))
+    models = tmp_path / "models"
+    script = script.replace("--dest /models", f"--dest {models}").replace("python ", f"{sys.executable} ")
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path / "home"),
+        "HF_ENDPOINT": hub.url,  # read by huggingface_hub at import: the Hub is the loopback one
+        "HF_HUB_OFFLINE": "0",
+        "ZIMAGE_REPO": "Tongyi-MAI/Z-Image-Turbo",
+        "ZIMAGE_REVISION": "",
+        "SAFETY_REPO": "Falconsai/nsfw_image_detection",
+        "SAFETY_REVISION": "",
+        "BAKE_WEIGHTS": bake,
+    }
+    result = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (sorted(p.name for p in models.iterdir()) if models.exists() else []) == baked
+    if "Z-Image-Turbo" in baked:
+        assert missing_pipeline_files(models / "Z-Image-Turbo") == []
+        assert test_builder.dtypes(models / "Z-Image-Turbo/transformer") == {"torch.bfloat16"}
+
+
+def test_the_weights_step_refuses_an_unknown_bake_weights(tmp_path):
+    script = instructions()[index_of(lambda op, args: op == "RUN" and "download_weights.py" in args)][1]
+    result = subprocess.run(["sh", "-c", script], env={"BAKE_WEIGHTS": "yes"}, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "BAKE_WEIGHTS must be 1, safety or 0, got 'yes'" in result.stderr
 
 
 def test_weights_are_baked_where_the_worker_looks():
