@@ -138,12 +138,33 @@ def build_tiny_zimage(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
-def build_tiny_safety_checker(path: str | Path, nsfw_bias: float = -10.0) -> Path:
-    """A tiny ViT classifier with labels normal/nsfw.
+# The brightness checker's reference channels: large and opposite, so each LayerNorm divides
+# by an almost constant std and the brightness channel passes it nearly linearly.
+REFERENCE = 1000.0
 
-    All weights of its head are zero and `nsfw_bias` sets P(nsfw) for every image:
-    -10 never flags, +10 always flags.
+
+def build_tiny_safety_checker(
+    path: str | Path,
+    nsfw_bias: float = -10.0,
+    *,
+    mode: str = "fixed",
+    labels: tuple[str, ...] = ("normal", "nsfw"),
+    pivot: float = 0.5,
+    slope: float = 40.0,
+) -> Path:
+    """A tiny real ViTForImageClassification with an image-processor config, saved to `path`.
+
+    mode "fixed": all head weights are zero, so logits are exactly (0, nsfw_bias) for every
+    image and P(nsfw) = sigmoid(nsfw_bias): -10 never flags, +10 always flags, 0 gives 0.5 exactly.
+    mode "brightness": P(nsfw) = sigmoid(slope * (mean brightness - pivot)), brightness in
+    [0, 1] as the checker sees the image (resized to 32x32); see `_wire_brightness`.
+    `labels` become id2label (index 1 is the one the bias or brightness drives), so
+    ("cat", "dog") makes a classifier the worker must refuse for lacking an `nsfw` label.
     """
+    if mode not in ("fixed", "brightness"):
+        raise ValueError(f"mode: {mode!r} is not allowed: use 'fixed' or 'brightness'")
+    if len(labels) != 2:
+        raise ValueError(f"labels: need exactly 2, got {labels!r}")
     path = Path(path)
     torch.manual_seed(0)
     config = ViTConfig(
@@ -153,16 +174,56 @@ def build_tiny_safety_checker(path: str | Path, nsfw_bias: float = -10.0) -> Pat
         num_hidden_layers=1,
         num_attention_heads=2,
         intermediate_size=16,
-        id2label={0: "normal", 1: "nsfw"},
-        label2id={"normal": 0, "nsfw": 1},
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
     )
-    model = ViTForImageClassification(config)
+    model = ViTForImageClassification(config).eval()
     with torch.no_grad():
-        model.classifier.weight.zero_()
-        model.classifier.bias.copy_(torch.tensor([0.0, nsfw_bias]))
+        if mode == "fixed":
+            model.classifier.weight.zero_()
+            model.classifier.bias.copy_(torch.tensor([0.0, nsfw_bias]))
+        else:
+            _wire_brightness(model, pivot, slope)
     model.save_pretrained(path, safe_serialization=True)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
     return path
+
+
+def _wire_brightness(model: ViTForImageClassification, pivot: float, slope: float) -> None:
+    """Set every weight so the nsfw logit is slope * (mean brightness - pivot).
+
+    The processor maps a pixel p in [0, 1] to 2p - 1. Hidden channel 0 of each patch token
+    holds its patch's mean (b); channels 1 and 2 hold +R and -R (R = REFERENCE) in every token.
+    With queries and keys zero, attention is uniform, so the CLS token takes the average of
+    the value vectors; the value projection copies channel 0 (undoing the LayerNorm's scale)
+    into channel 3, where the CLS token's own value is 0. The MLP adds nothing. The CLS token
+    then holds m = sum(b_i) / (patches + 1) in channel 3, and the classifier reads it back.
+    LayerNorm of (x, R, -R, 0, ...) over 16 channels gives 15x/16 / sqrt(R^2/8 + 15x^2/256):
+    strictly increasing in x and, with |x| <= 1 << R, linear to about 1e-7.
+    """
+    config = model.config
+    hidden, channels, side = config.hidden_size, config.num_channels, config.patch_size
+    patches = (config.image_size // side) ** 2
+    layer_norm_gain = (hidden - 1) / hidden / (REFERENCE / 8**0.5)  # d LayerNorm(x)_0 / dx at x = 0
+
+    for name, param in model.named_parameters():
+        # LayerNorms stay identity-scaled; everything else starts at zero.
+        param.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
+
+    embeddings = model.vit.embeddings
+    embeddings.patch_embeddings.projection.weight[0].fill_(1.0 / (channels * side * side))
+    embeddings.patch_embeddings.projection.bias[1:3].copy_(torch.tensor([REFERENCE, -REFERENCE]))
+    embeddings.cls_token[0, 0, 1:3].copy_(torch.tensor([REFERENCE, -REFERENCE]))
+
+    attention = model.vit.layers[0].attention
+    attention.v_proj.weight[3, 0] = 1.0 / layer_norm_gain
+    attention.o_proj.weight[3, 3] = 1.0
+
+    # logit = k * m' + bias, where m' = m after the final LayerNorm, scaled back by 1/gain;
+    # m = patches / (patches + 1) * (2 * brightness - 1).
+    k = slope * (patches + 1) / (2 * patches)
+    model.classifier.weight[1, 3] = k / layer_norm_gain
+    model.classifier.bias[1] = slope / 2 - slope * pivot
 
 
 def main() -> None:
