@@ -8,6 +8,7 @@ decoded images stay on the device for the safety checker.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,10 +16,14 @@ import torch
 from diffusers import ZImageImg2ImgPipeline, ZImagePipeline
 from PIL import Image
 
-from src.request import GenerateRequest
+from src.prompts import PromptEncoder
+from src.request import PRESET_SIZES, GenerateRequest
 from src.timing import Stopwatch
 
 log = logging.getLogger(__name__)
+
+# Fastest first; each needs its package and a GPU that runs it (flash-attn 3 is Hopper-only).
+ATTENTION_BACKENDS = ("_flash_3", "flash", "_native_cudnn", "native")
 
 StepCallback = Callable[[int, int], None]
 
@@ -44,11 +49,46 @@ class ZImageGenerator:
         self.image_to_image = ZImageImg2ImgPipeline(**text_to_image.components)
         for pipe in (self.text_to_image, self.image_to_image):
             pipe.set_progress_bar_config(disable=True)
+        self.prompts = PromptEncoder(text_to_image, device)
 
-    def warm_up(self) -> None:
-        """One small job before the first real one, so lazy CUDA/cuBLAS set-up is not billed to it."""
-        request = GenerateRequest(prompt="warm-up", size="512*512", num_inference_steps=2)
-        self.generate(request, seed=0, clock=Stopwatch(self.device))
+    def accelerate(self, acceleration: str, compile_blocks: bool) -> None:
+        """GPU-only speed-ups; each one that cannot be had is logged and skipped, never fatal."""
+        if self.device.type != "cuda":
+            if acceleration != "none" or compile_blocks:
+                log.warning(
+                    "ZIMAGE_ACCELERATION/ZIMAGE_COMPILE need a CUDA GPU; running plain %s", self.device
+                )
+            return
+        transformer = self.text_to_image.transformer
+        for backend in ATTENTION_BACKENDS:
+            try:
+                transformer.set_attention_backend(backend)
+                log.info("attention backend: %s", backend)
+                break
+            except Exception as err:  # a missing package or an unsupported GPU
+                log.info("attention backend %s unavailable (%s), trying the next", backend, err)
+        if acceleration == "fp8":
+            _float8_matmuls(transformer)
+        if compile_blocks:
+            # Inductor's default cache lives in /tmp and dies with the container; on disk (a
+            # network volume when there is one) a restarted worker skips the compile.
+            volume = Path("/runpod-volume")
+            cache = volume / "zimage-compile-cache" if volume.is_dir() else Path.home() / ".cache/zimage-compile"
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
+            os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+            transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
+            log.info("regional torch.compile on %s blocks", transformer._repeated_blocks)
+
+    def warm_up(self, compiled: bool = False) -> None:
+        """Small jobs before the first real one, so lazy CUDA set-up is not billed to a caller.
+
+        With torch.compile, every preset size is run once so the kernels for the sizes
+        callers use are built (or read from the on-disk cache) before the first job.
+        """
+        sizes = PRESET_SIZES if compiled else ("512*512",)
+        for size in sizes:
+            request = GenerateRequest(prompt="warm-up", size=size, num_inference_steps=2)
+            self.generate(request, seed=0, clock=Stopwatch(self.device))
 
     def generate(
         self,
@@ -66,14 +106,10 @@ class ZImageGenerator:
         use_cfg = request.guidance_scale > 0
         pipe = self.text_to_image if init_image is None else self.image_to_image
 
-        # 1. Encode the prompt (and the negative prompt only when guidance uses it).
-        with torch.inference_mode():
-            prompt_embeds, negative_embeds = pipe.encode_prompt(
-                prompt=request.prompt,
-                device=self.device,
-                do_classifier_free_guidance=use_cfg,
-                negative_prompt=request.negative_prompt if use_cfg else None,
-            )
+        # 1. Encode the prompt, and the negative prompt only when guidance uses it ("" when
+        #    none is given, as diffusers does).
+        prompt_embeds = [self.prompts.embed(request.prompt)]
+        negative_embeds = [self.prompts.embed(request.negative_prompt or "")] if use_cfg else None
         clock.lap("encode_prompt")
 
         # 2. Denoise to latents; progress after every transformer step.
@@ -84,7 +120,7 @@ class ZImageGenerator:
 
         kwargs = dict(
             prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_embeds if use_cfg else None,
+            negative_prompt_embeds=negative_embeds,
             height=request.height,
             width=request.width,
             num_inference_steps=request.num_inference_steps,
@@ -115,3 +151,18 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """(n, 3, H, W) in [0, 1] -> PIL images; the byte conversion runs on the device."""
     pixels = (images * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(array) for array in pixels]
+
+
+def _float8_matmuls(transformer: torch.nn.Module) -> None:
+    """ZIMAGE_ACCELERATION=fp8: torchao's dynamic float8 activations and weights for the linears.
+
+    Needs torchao and a GPU with float8 tensor cores (Ada, Hopper or newer); without them
+    the worker logs why and keeps bf16, so a setting never stops a working deployment.
+    """
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+        quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+        log.info("fp8: float8 matmuls on the transformer's linear layers")
+    except Exception as err:  # torchao missing, or a GPU without float8
+        log.warning("fp8 requested but unavailable (%s); keeping bf16", err)

@@ -39,6 +39,8 @@ class Settings:
     price_per_image_usd: float = 0.005
     # Runpod sets RUNPOD_WEBHOOK_POST_OUTPUT on its workers: only there do progress updates go out.
     report_progress: bool = False
+    # Regional torch.compile of the repeated transformer block, warmed up at start (CUDA only).
+    compile: bool = False
     # "fp8" turns on float8 matmuls on GPUs that have them; "none" keeps bf16.
     acceleration: str = "none"
     # "1"/"true": a repo id missing from every local place is downloaded at start (needs HF_HUB_OFFLINE=0).
@@ -108,6 +110,7 @@ class Settings:
             acceleration=acceleration,
             report_progress=bool(text("RUNPOD_WEBHOOK_POST_OUTPUT", None)),
             allow_download=_flag(env, "ZIMAGE_ALLOW_DOWNLOAD", cls.allow_download),
+            compile=_flag(env, "ZIMAGE_COMPILE", cls.compile),
         )
 
 

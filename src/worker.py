@@ -51,12 +51,15 @@ class Worker:
         """Load everything a job needs, logging each part of the cold start."""
         device, dtype = pick_device()
         clock = Stopwatch(device)
+        roots = roots or SearchRoots(allow_download=settings.allow_download)
         folder = resolve_model(settings.model, missing_pipeline_files, "ZIMAGE_MODEL", roots)
         clock.lap("find_model")
         pipe = load_pipeline(folder, dtype)
         clock.lap("load_weights")
         generator = ZImageGenerator(pipe.to(device), device)
         clock.lap("move_to_device")
+        generator.accelerate(settings.acceleration, settings.compile)
+        clock.lap("accelerate")
         safety = None
         if settings.safety_enabled:
             checker_folder = resolve_model(
@@ -68,7 +71,7 @@ class Worker:
         clock.lap("load_safety_checker")
         storage = Storage(settings) if settings.storage_enabled else None
         clock.lap("connect_storage")
-        generator.warm_up()
+        generator.warm_up(compiled=settings.compile)
         clock.lap("warm_up")
         parts = ", ".join(f"{name} {ms:.0f} ms" for name, ms in clock.timings.items())
         log.info("ready on %s (%s): %s", device, str(dtype).removeprefix("torch."), parts)
