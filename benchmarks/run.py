@@ -1,0 +1,283 @@
+"""One command for the worker's speed: stages, every preset size, cold start, memory, options.
+
+    python benchmarks/run.py                 # CPU: the tiny model; GPU: the full-size architecture
+    python benchmarks/run.py --runs 5 --out BENCHMARKS.md
+
+On a GPU it builds Z-Image Turbo's real architecture (6.15B-parameter transformer, Qwen3-4B
+text encoder, FLUX VAE) from the real configs with random bf16 weights and saves it to disk:
+speed does not depend on the weights' values, so its timings are the real model's. On a
+CPU it uses the tiny model of builder/tiny_model.py. Figures are medians of `--runs` jobs
+after one warm-up job, measured inside the handler (the `timings` a caller sees).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import diffusers  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from builder.tiny_model import build_tiny_zimage, tiny_tokenizer  # noqa: E402
+from src.output_image import encode_image  # noqa: E402
+from src.pipeline import ZImageGenerator, pick_device  # noqa: E402
+from src.request import PRESET_SIZES  # noqa: E402
+from src.settings import Settings  # noqa: E402
+from src.worker import Worker  # noqa: E402
+
+STAGES = ("encode_prompt", "denoise", "decode", "safety", "encode_image", "upload", "total")
+PROMPT = "A cozy reading nook by a rain-streaked window, warm lamp light, a cat asleep on a stack of books"
+
+
+def build_full_size(folder: Path) -> Path:
+    """Z-Image Turbo's published architecture with random bf16 weights, saved like the real folder."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        ZImagePipeline,
+        ZImageTransformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3Model
+
+    with torch.device("cuda"):
+        transformer = ZImageTransformer2DModel(
+            all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30,
+            n_refiner_layers=2, n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560,
+            rope_theta=256.0, t_scale=1000.0, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512],
+        ).to(torch.bfloat16)  # fmt: skip
+        text_encoder = Qwen3Model(
+            Qwen3Config(
+                hidden_size=2560,
+                intermediate_size=9728,
+                num_hidden_layers=36,
+                num_attention_heads=32,
+                num_key_value_heads=8,
+                head_dim=128,
+                vocab_size=151936,
+                max_position_embeddings=40960,
+                rope_theta=1000000,
+                rms_norm_eps=1e-6,
+                tie_word_embeddings=True,
+            )  # fmt: skip
+        ).to(torch.bfloat16)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+            up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512],
+            layers_per_block=2, latent_channels=16, norm_num_groups=32, sample_size=1024,
+            scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+        ).to(torch.bfloat16)  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False
+    )
+    # The tokenizer's vocabulary only changes which ids appear, not the compute.
+    pipe = ZImagePipeline(scheduler, vae, text_encoder, tiny_tokenizer(), transformer)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    del pipe, transformer, text_encoder, vae
+    torch.cuda.empty_cache()
+    return folder
+
+
+def median(values: list[float]) -> float:
+    return round(statistics.median(values), 1)
+
+
+def stage_table(worker: Worker, sizes: tuple[str, ...], runs: int, fmt: str = "png") -> list[dict]:
+    rows = []
+    for size in sizes:
+        job = {"prompt": PROMPT, "size": size, "seed": 1, "output_format": fmt}
+        worker.run("warm", job)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        samples = [worker.run(f"bench-{i}", {**job, "seed": i})["timings"] for i in range(runs)]
+        row = {"size": size, **{stage: median([s[stage] for s in samples]) for stage in STAGES}}
+        diffusers_ms = [s["encode_prompt"] + s["denoise"] + s["decode"] for s in samples]
+        overhead = [s["total"] - d for s, d in zip(samples, diffusers_ms, strict=True)]
+        row["overhead_pct"] = round(100 * statistics.median(overhead) / statistics.median(diffusers_ms), 1)
+        if torch.cuda.is_available():
+            row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def prompt_padding(generator: ZImageGenerator, runs: int) -> dict:
+    """Encoding time: diffusers' 512-token padding against padding to the prompt's length."""
+    pipe, device = generator.text_to_image, generator.device
+
+    def timed(fn) -> float:
+        samples = []
+        for _ in range(runs + 1):
+            start = time.perf_counter()
+            with torch.inference_mode():
+                fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            samples.append((time.perf_counter() - start) * 1000)
+        return median(samples[1:])
+
+    padded = timed(lambda: pipe.encode_prompt(PROMPT, device=device, do_classifier_free_guidance=False))
+    generator.prompts._cache.clear()
+    own_length = timed(lambda: (generator.prompts._cache.clear(), generator.prompts.embed(PROMPT)))
+    cached = timed(lambda: generator.prompts.embed(PROMPT))
+    return {"pad_to_512_ms": padded, "pad_to_prompt_ms": own_length, "cache_hit_ms": cached}
+
+
+def png_levels(image: Image.Image, runs: int) -> list[tuple[int, float, int]]:
+    rows = []
+    for level in (0, 1, 3, 6, 9):
+        samples, size = [], 0
+        for _ in range(runs):
+            buffer = io.BytesIO()
+            start = time.perf_counter()
+            image.save(buffer, format="PNG", compress_level=level)
+            samples.append((time.perf_counter() - start) * 1000)
+            size = len(buffer.getvalue())
+        rows.append((level, median(samples), size // 1024))
+    return rows
+
+
+def photo_like(size: int = 1024) -> Image.Image:
+    """A smooth, detailed stand-in for a photograph: blurred noise over gradients (no real photo here)."""
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0, 1, (size // 16, size // 16, 3))
+    small = Image.fromarray(np.uint8(np.clip(128 + 40 * noise, 0, 255)))
+    base = np.asarray(small.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
+    grain = rng.normal(0, 4, (size, size, 3))
+    return Image.fromarray(np.uint8(np.clip(base + grain, 0, 255)))
+
+
+def cold_start(model: Path) -> dict:
+    """`python handler.py --test_input` in a fresh process; its log gives each part of the start."""
+    env = {**os.environ, "ZIMAGE_MODEL": str(model), "SAFETY_CHECKER_MODEL": "none"}
+    job = json.dumps({"input": {"prompt": "a cat", "size": "512*512"}})
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "handler.py", "--test_input", job],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    wall = (time.perf_counter() - start) * 1000
+    log = done.stdout
+    parts = {"imports": float(re.search(r"imports took (\d+) ms", log)[1])}
+    parts.update(
+        {
+            name: float(ms)
+            for name, ms in re.findall(r"(\w+) (\d+) ms", log.split("ready on", 1)[1].split("\n")[0])
+        }
+    )
+    parts["to_first_job"] = float(re.search(r"cold start: (\d+) ms", log)[1])
+    parts["process_wall_incl_one_job"] = round(wall)
+    return parts
+
+
+def write_report(path: Path, sections: list[str]) -> None:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    header = [
+        "# Benchmarks",
+        "",
+        f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+        f"- device: {device}; host {platform.machine()}, Python {platform.python_version()}",
+        f"- torch {torch.__version__}, diffusers {diffusers.__version__}, "
+        f"transformers {transformers.__version__}",
+        "- command: `python benchmarks/run.py` (medians, milliseconds unless stated)",
+        "",
+    ]
+    path.write_text("\n".join(header + sections) + "\n")
+
+
+def markdown(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
+    lines += ["| " + " | ".join(str(row[key]) for key in keys) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--sizes", nargs="*", default=list(PRESET_SIZES))
+    parser.add_argument("--model", help="an existing model folder (default: build one)")
+    parser.add_argument("--compile", action="store_true", help="also measure ZIMAGE_COMPILE=1 (GPU)")
+    parser.add_argument("--fp8", action="store_true", help="also measure ZIMAGE_ACCELERATION=fp8 (GPU)")
+    parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = parser.parse_args()
+
+    device, _ = pick_device()
+    workdir = Path(tempfile.mkdtemp(prefix="zimage-bench-"))
+    if args.model:
+        model = Path(args.model)
+    elif device.type == "cuda":
+        model = build_full_size(workdir / "zimage-full-size")
+    else:
+        model = build_tiny_zimage(workdir / "tiny-zimage")
+    kind = "full-size architecture, random bf16 weights" if device.type == "cuda" else "tiny model (CPU)"
+    sections = [f"Model: {kind}, at `{model}`.", ""]
+
+    sections += [
+        "## Cold start (fresh process, `handler.py --test_input`)",
+        "",
+        markdown([cold_start(model)]),
+        "",
+    ]
+
+    worker = Worker.start(Settings(model=str(model), safety_checker_model="none"))
+    rows = stage_table(worker, tuple(args.sizes), args.runs)
+    sections += ["## Text-to-image per preset size (PNG, no bucket, checker off)", "", markdown(rows), ""]
+    sections += ["## Prompt encoding", "", markdown([prompt_padding(worker.generator, args.runs)]), ""]
+
+    for flag, settings in (
+        (args.compile, Settings(model=str(model), safety_checker_model="none", compile=True)),
+        (args.fp8, Settings(model=str(model), safety_checker_model="none", acceleration="fp8")),
+    ):
+        if flag:
+            variant = Worker.start(settings)
+            label = "compile" if settings.compile else "fp8"
+            sections += [
+                f"## With {label}",
+                "",
+                markdown(stage_table(variant, ("1024*1024",), args.runs)),
+                "",
+            ]
+
+    generated = worker.run("png", {"prompt": PROMPT, "seed": 1})
+    output_image = Image.open(io.BytesIO(base64.b64decode(generated["image_url"].split(",", 1)[1])))
+    for name, image in (
+        ("the model's 1024x1024 output", output_image),
+        ("a photo-like 1024x1024 image", photo_like()),
+    ):
+        table = [{"zlib level": lv, "ms": ms, "KiB": kib} for lv, ms, kib in png_levels(image, args.runs)]
+        sections += [f"## PNG compression levels on {name}", "", markdown(table), ""]
+    fmt_rows, photo = [], photo_like()
+    for fmt in ("jpeg", "webp"):
+        samples = []
+        for _ in range(args.runs):
+            start = time.perf_counter()
+            data = encode_image(photo, fmt, 95)
+            samples.append((time.perf_counter() - start) * 1000)
+        fmt_rows.append({"format": fmt, "quality": 95, "ms": median(samples), "KiB": len(data) // 1024})
+    sections += ["## JPEG and WebP at quality 95", "", markdown(fmt_rows), ""]
+    write_report(args.out, sections)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
