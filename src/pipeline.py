@@ -73,7 +73,8 @@ class ZImageGenerator:
             # Inductor's default cache lives in /tmp and dies with the container; on disk (a
             # network volume when there is one) a restarted worker skips the compile.
             volume = Path("/runpod-volume")
-            cache = volume / "zimage-compile-cache" if volume.is_dir() else Path.home() / ".cache/zimage-compile"
+            home = Path.home() / ".cache"
+            cache = (volume if volume.is_dir() else home) / "zimage-compile-cache"
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
             os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
             transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)

@@ -31,7 +31,7 @@ class Settings:
     bucket_secret_access_key: str | None = None
     # The bucket that receives uploads.
     bucket_name: str = "zimage-outputs"
-    # SigV4 region; empty: taken from an AWS/B2 endpoint host, "auto" for R2, else us-east-1.
+    # SigV4 region; empty: taken from an AWS/B2 endpoint host, "auto" for R2 and GCS, else us-east-1.
     bucket_region: str | None = None
     # "auto" (virtual-hosted on amazonaws.com, path-style elsewhere), "path" or "virtual".
     bucket_addressing_style: str = "auto"
@@ -73,9 +73,11 @@ class Settings:
         endpoint = bucket["BUCKET_ENDPOINT_URL"]
         if endpoint is not None:
             parsed = urlparse(endpoint)
-            if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            # Credentials in the URL would end up in botocore's connection-error messages.
+            if parsed.scheme not in ("http", "https") or not parsed.hostname or "@" in parsed.netloc:
                 raise SettingsError(
-                    f"BUCKET_ENDPOINT_URL: {endpoint!r} is not an http(s) URL "
+                    f"BUCKET_ENDPOINT_URL: {endpoint.split('@')[-1]!r} is not an http(s) URL "
+                    "without credentials in it "
                     "(e.g. https://<account>.r2.cloudflarestorage.com or https://s3.us-east-1.amazonaws.com)"
                 )
 

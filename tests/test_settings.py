@@ -63,6 +63,7 @@ def test_blank_values_mean_default():
         ({"ZIMAGE_ACCELERATION": "int4"}, "ZIMAGE_ACCELERATION"),
         ({**BUCKET, "BUCKET_ENDPOINT_URL": "not a url"}, "BUCKET_ENDPOINT_URL"),
         ({**BUCKET, "BUCKET_ENDPOINT_URL": "ftp://host"}, "BUCKET_ENDPOINT_URL"),
+        ({**BUCKET, "BUCKET_ENDPOINT_URL": "https://user:pw@host"}, "BUCKET_ENDPOINT_URL"),
         (
             {"BUCKET_ENDPOINT_URL": BUCKET["BUCKET_ENDPOINT_URL"]},
             "BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY",
