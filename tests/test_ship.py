@@ -374,3 +374,20 @@ def test_every_runpodignore_exclusion_says_why():
             while block and block[-1].strip() and not block[-1].startswith("#"):
                 block.pop()  # other patterns of the same group
             assert block and block[-1].startswith("#"), f"{line!r} has no comment above its group"
+
+
+# ------------------------------------------------------------------ the deploy guide
+DEPLOY = (ROOT / "docs/README-deploy.md").read_text()
+
+
+def test_the_deploy_guide_documents_every_build_arg_and_the_hub_gpus():
+    for op, arg in instructions():
+        if op == "ARG":
+            assert f"| `{arg.split('=')[0]}` |" in DEPLOY, arg
+    assert HUB["config"]["gpuIds"] in DEPLOY
+    assert f"{HUB['config']['containerDiskInGb']} GB" in DEPLOY
+
+
+def test_the_deploy_guides_first_call_is_a_valid_request():
+    (body,) = re.findall(r"-d '(\{.*?\})'", DEPLOY)
+    parse_request(json.loads(body)["input"])
