@@ -124,13 +124,15 @@ class Worker:
         # 2. Generate (strength 0 returns the fitted input untouched by the model).
         if init_image is not None and request.strength == 0:
             images = _as_tensor(init_image, self.generator.device).repeat(request.num_images, 1, 1, 1)
+            clock.lap("decode")  # the fitted input, as the tensor the checker reads
         else:
             images = self.generator.generate(request, seed, clock, init_image, on_step)
 
         # 3. Check every image in one batch; flagged ones are dropped before encoding.
-        checking = request.enable_safety_checker and self.safety is not None
-        flags = self.safety.flags(images) if checking else [False] * request.num_images
-        clock.lap("safety")
+        flags = [False] * request.num_images
+        if request.enable_safety_checker and self.safety is not None:
+            flags = self.safety.flags(images)
+            clock.lap("safety")
         kept = [i for i, flagged in enumerate(flags) if not flagged]
         if not kept:
             raise JobError(

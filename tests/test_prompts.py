@@ -1,4 +1,4 @@
-"""Prompt embeddings padded to the prompt's own length equal diffusers' 512-padded ones; the cache reuses them."""
+"""Prompts padded to their own length embed as diffusers' 512-padded ones do; the cache reuses them."""
 
 from __future__ import annotations
 
@@ -16,13 +16,13 @@ def pipe(tiny_model):
 
 @pytest.mark.parametrize(
     "prompt",
-    ["a cat", "一只猫坐在红色沙发上，柔和的晨光", "", "portrait of an astronaut, cinematic " * 40, "x" * 4000],
+    ["a cat", "一只猫坐在红色沙发上", "", "portrait of an astronaut, cinematic " * 40, "x" * 4000],
     ids=["short", "chinese", "empty", "long", "truncated"],
 )
 def test_embeddings_equal_diffusers_max_length_padding(pipe, prompt):
     encoder = PromptEncoder(pipe, torch.device("cpu"))
     with torch.inference_mode():
-        reference, _ = pipe.encode_prompt(prompt, device=torch.device("cpu"), do_classifier_free_guidance=False)
+        reference, _ = pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
     ours = encoder.embed(prompt)
     assert ours.shape == reference[0].shape
     assert ours.shape[0] <= MAX_SEQUENCE_LENGTH

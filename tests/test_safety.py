@@ -220,11 +220,6 @@ def test_checking_off_per_request(tiny_model, checkers):
     assert len(output["images"]) == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src/worker.py bills strength-0 image-to-image's tensor conversion to timings.safety; "
-    "fixed by a `clock.lap('decode')` after `_as_tensor(...)` and lapping 'safety' only when checking",
-)
 def test_checking_off_per_request_for_untouched_input_reports_no_safety_time(tiny_model, checkers):
     worker = start(tiny_model, checkers["always"])
     source = data_uri_of(png_bytes((1024, 1024), (90, 90, 90)))
