@@ -340,7 +340,7 @@ LEFT_OUT = ["tests/test_ship.py", ".git/HEAD", ".venv/bin/python", "src/__pycach
 
 def test_dockerignore_keeps_tests_and_history_out_and_the_worker_in():
     rules = patterns(".dockerignore")
-    for path in LEFT_OUT + ["docs/README-deploy.md", ".pytest_cache/v/x", "models/x.safetensors"]:
+    for path in LEFT_OUT + ["docs/notes.md", ".pytest_cache/v/x", "models/x.safetensors"]:
         assert docker_ignored(path, rules), path
     for path in SHIPPED + ["test_input.json", "builder/tiny_model.py"]:
         assert not docker_ignored(path, rules), path
@@ -351,7 +351,7 @@ def test_runpodignore_as_runpodctl_reads_it(tmp_path):
     assert ".git/" in patterns(".runpodignore")  # git never reports on .git itself
     shutil.copy(ROOT / ".runpodignore", tmp_path / ".gitignore")
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True, timeout=30)
-    paths = [p for p in LEFT_OUT + SHIPPED + ["docs/README-deploy.md"] if not p.startswith(".git/")]
+    paths = [p for p in LEFT_OUT + SHIPPED + ["docs/notes.md"] if not p.startswith(".git/")]
     for path in paths:
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).touch()
@@ -377,7 +377,8 @@ def test_every_runpodignore_exclusion_says_why():
 
 
 # ------------------------------------------------------------------ the deploy guide
-DEPLOY = (ROOT / "docs/README-deploy.md").read_text()
+README = (ROOT / "README.md").read_text()
+DEPLOY = README.split("\n## Deploy\n", 1)[1].split("\n## ", 1)[0]
 
 
 def test_the_deploy_guide_documents_every_build_arg_and_the_hub_gpus():
@@ -391,3 +392,5 @@ def test_the_deploy_guide_documents_every_build_arg_and_the_hub_gpus():
 def test_the_deploy_guides_first_call_is_a_valid_request():
     (body,) = re.findall(r"-d '(\{.*?\})'", DEPLOY)
     parse_request(json.loads(body)["input"])
+    for other in re.findall(r"-d '(\{.*?\})'", README):  # the other curl examples too
+        parse_request(json.loads(other)["input"])
