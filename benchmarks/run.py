@@ -111,6 +111,11 @@ def stage_table(worker: Worker, sizes: tuple[str, ...], runs: int, fmt: str = "p
         diffusers_ms = [s["encode_prompt"] + s["denoise"] + s["decode"] for s in samples]
         overhead = [s["total"] - d for s, d in zip(samples, diffusers_ms, strict=True)]
         row["overhead_pct"] = round(100 * statistics.median(overhead) / statistics.median(diffusers_ms), 1)
+        # The same without image encoding: validation, tensor-to-PIL, data URI, response.
+        own = [o - s["encode_image"] for o, s in zip(overhead, samples, strict=True)]
+        row["overhead_excl_encoding_pct"] = round(
+            100 * statistics.median(own) / statistics.median(diffusers_ms), 1
+        )
         if torch.cuda.is_available():
             row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         rows.append(row)
