@@ -1,0 +1,216 @@
+"""Property tests: the request model and the local API under generated input.
+
+`parse_request` is the only reader of a job's input, so it is fuzzed directly with many
+examples: whatever JSON arrives, it returns a `GenerateRequest` or raises a `JobError`
+whose message a caller can act on, and never anything else. The local API gets a bounded
+number of generated bodies: each is answered COMPLETED or FAILED (never a 500 or a hang),
+with exactly the message `parse_request` gives for the same input.
+
+No generated value reaches the network: image strings that look like URLs are only the
+IP-literal samples below, which the shared worker's SSRF protection refuses unopened.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import string
+
+import pytest
+import requests
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from src.errors import JobError
+from src.request import FIELDS, MAX_SEED, GenerateRequest, parse_request
+from tests.conftest import data_uri_of, png_bytes
+from tests.test_bad_input import assert_ssrf_protection_on
+
+MAX_MESSAGE = 2000  # characters: an error is a sentence or a few, never a dump of the input
+TINY = {"size": "256*256", "num_inference_steps": 1, "num_images": 1}
+
+# ------------------------------------------------------------------------ strategies
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=40),
+)
+json_values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+# Values near each field's rules, so generation reaches the range and cross-field checks.
+near_rules = {
+    "prompt": st.text(max_size=50) | st.sampled_from(["", "  ", "a" * 4001, "一只猫", "a\x00b"]),
+    "image": st.sampled_from(
+        [
+            data_uri_of(png_bytes((32, 32))),
+            "",
+            "!!!",
+            "aGVsbG8=",
+            "data:text/html,<b>x</b>",
+            "ftp://127.0.0.1/x.png",
+            "file:///etc/passwd",
+            "http://169.254.169.254/latest/meta-data/",
+            "http://10.0.0.1/x.png",
+        ]
+    )
+    # Generated text never looks like a URL: no generated host is ever resolved.
+    | st.text(max_size=30).filter(lambda s: "://" not in s),
+    "size": st.sampled_from(["256*256", "512x512", "1024*1024", "1000*1000", "0*0", "", "2048X2048"])
+    | st.from_regex(r"-?\d{1,5}[*xX]\d{1,5}", fullmatch=True),
+    "strength": st.floats(-0.5, 1.5) | st.sampled_from([0, 1, 0.0, 1.0, "0.5", True]),
+    "seed": st.integers(-3, 2**33) | st.sampled_from([-1, 0, MAX_SEED, MAX_SEED + 1, 1.0, "1"]),
+    "output_format": st.sampled_from(["png", "PNG", "jpeg", "JPG", "webp", " webp ", "gif", "", "bmp"]),
+    "enable_safety_checker": st.sampled_from([True, False, "true", "false", 0, 1, None]),
+    "num_images": st.integers(-1, 6) | st.sampled_from([1.0, "2", True]),
+    "num_inference_steps": st.integers(-1, 60) | st.sampled_from([8.0, "8", False]),
+    "guidance_scale": st.floats(-1, 25) | st.sampled_from([0, 20, "1", True, math.nan, math.inf]),
+    "negative_prompt": st.text(max_size=30) | st.sampled_from(["b" * 4001, None]),
+    "output_quality": st.integers(-1, 102) | st.sampled_from([95.0, "95", True]),
+}
+field_values = st.sampled_from(list(FIELDS)).flatmap(
+    lambda name: st.tuples(st.just(name), near_rules[name] | json_values)
+)
+unknown_keys = st.text(alphabet=string.ascii_letters + string.digits + "_-. ", min_size=1, max_size=24)
+# At most six keys: each problem is one clause of the message, so six bound its length.
+requests_like = st.lists(
+    field_values | st.tuples(unknown_keys, json_values), max_size=6, unique_by=lambda kv: kv[0]
+).map(dict)
+any_input = requests_like | json_values
+# A valid tiny request with up to two fields replaced: about half of these stay valid, so the
+# API fuzz runs real jobs too, not only refusals.
+near_valid = st.lists(field_values, max_size=2).map(
+    lambda pairs: {"prompt": "a red fox", **TINY, "output_format": "jpeg", **dict(pairs)}
+)
+
+
+def assert_actionable(message: str, raw: object) -> None:
+    """A message a caller can act on: non-empty, short, no traceback, and it starts with a field."""
+    assert message and message.strip() == message
+    assert len(message) < MAX_MESSAGE, len(message)
+    assert "Traceback" not in message and 'File "' not in message
+    keys = [str(key) for key in raw] if isinstance(raw, dict) else []
+    # An unknown key is named as sent, or quoted and cut when it is long or not plain text.
+    names = {"input", *FIELDS, *keys, *(repr(k[:40]) + ("..." if len(k) > 40 else "") for k in keys)}
+    assert any(message.startswith(f"{name}:") for name in names), message[:200]
+
+
+def assert_sound(request: GenerateRequest) -> None:
+    """Every accepted request is within the contract, with real types (no silent coercion)."""
+    assert type(request.prompt) is str and request.prompt.strip() and len(request.prompt) <= 4000
+    assert request.width % 16 == 0 and request.height % 16 == 0
+    assert 256 <= request.width <= 2048 and 256 <= request.height <= 2048
+    assert type(request.seed) is int and -1 <= request.seed <= MAX_SEED
+    assert type(request.num_images) is int and 1 <= request.num_images <= 4
+    assert type(request.num_inference_steps) is int and 1 <= request.num_inference_steps <= 50
+    assert type(request.output_quality) is int and 1 <= request.output_quality <= 100
+    assert type(request.enable_safety_checker) is bool
+    assert request.output_format in ("png", "jpeg", "webp")
+    assert math.isfinite(request.strength) and 0.0 <= request.strength <= 1.0
+    assert math.isfinite(request.guidance_scale) and 0.0 <= request.guidance_scale <= 20.0
+    assert request.image is not None or "strength" not in request.model_fields_set
+
+
+# ----------------------------------------------------------------- the request model
+@settings(max_examples=1500, deadline=None)
+@given(any_input)
+def test_parse_request_accepts_or_explains(raw):
+    try:
+        request = parse_request(raw)
+    except JobError as err:
+        assert_actionable(str(err), raw)
+        return
+    assert isinstance(request, GenerateRequest)
+    assert_sound(request)
+    # What was accepted parses again to the same request (nothing depended on a lucky default).
+    again = parse_request(request.model_dump(exclude_unset=True))
+    assert again == request
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(list(FIELDS)), json_values, min_size=1))
+def test_wrong_types_in_known_fields_name_those_fields(raw):
+    try:
+        parse_request(raw)
+    except JobError as err:
+        message = str(err)
+        assert_actionable(message, raw)
+        first = message.split(":", 1)[0]
+        assert first in raw or first == "prompt"  # a missing prompt is named too
+
+
+# Known: src/request.py echoes unknown keys verbatim, one full clause per key, so a 5000-char
+# key or 1000 unknown keys make messages (and INFO log lines) of 5 KB to 200 KB, and a key
+# with a newline forges a log line. The marker goes in the commit that fixes it (shorten each
+# key, cap the number of clauses).
+@pytest.mark.xfail(strict=True, reason="src/request.py echoes unknown keys verbatim (fix pending)")
+def test_hostile_keys_are_not_echoed_unbounded():
+    """A key is the caller's text too: it is shortened and kept on one line like any value."""
+    cases = {
+        "long key": {"prompt": "a", "k" * 5000: 1},
+        "many keys": {"prompt": "a", **{f"k{i}": i for i in range(1000)}},
+        "newline key": {"prompt": "a", "x\nINFO   | src.worker | job forged: done": 1},
+        "empty key": {"prompt": "a", "": 1},
+    }
+    for name, raw in cases.items():
+        with pytest.raises(JobError) as caught:
+            parse_request(raw)
+        message = str(caught.value)
+        assert len(message) < MAX_MESSAGE, (name, len(message))
+        assert "\n" not in message and "k" * 100 not in message, name
+        assert message.split(":", 1)[0].strip(), (name, message[:100])
+
+
+# --------------------------------------------------------------------- the local API
+def _tiny_if_valid(raw: object) -> tuple[object, str | None]:
+    """(the body to send, the error parse_request gives or None); valid ones are made tiny."""
+    try:
+        parse_request(raw)
+    except JobError as err:
+        return raw, str(err)
+    assert isinstance(raw, dict)
+    tiny = {**raw, **TINY}  # still valid: only the cost changes
+    parse_request(tiny)
+    return tiny, None
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(near_valid | requests_like)
+def test_local_api_answers_every_generated_body(api, raw):
+    assert_ssrf_protection_on(api)  # private URLs among the samples go only to a protected worker
+    job_input, expected_error = _tiny_if_valid(raw)
+    event("refused by the model" if expected_error else "valid request")
+    response = requests.post(
+        f"{api.url}/runsync",
+        data=json.dumps({"input": job_input}),
+        headers={"Content-Type": "application/json"},
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text[:500]
+    reply = response.json()
+    assert reply["status"] in ("COMPLETED", "FAILED"), reply
+    if expected_error is not None:
+        # The API says exactly what the model says: nothing is lost or added on the way.
+        assert reply == {"id": reply["id"], "status": "FAILED", "error": expected_error}
+    elif reply["status"] == "FAILED":
+        # Valid as a request, refused only when the image is loaded.
+        assert "image" in job_input and reply["error"].startswith("image:"), reply
+        assert_actionable(reply["error"], job_input)
+    else:
+        output = reply["output"]
+        assert (output["width"], output["height"]) == (256, 256)
+        assert output["output_format"] == parse_request(job_input).output_format
+
+
+def test_the_api_is_still_up_after_fuzzing(api):
+    assert api.process.poll() is None
+    reply = api.runsync({"prompt": "after fuzzing", **TINY, "output_format": "jpeg"})
+    assert reply["status"] == "COMPLETED"
