@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import re
+import socket
+import threading
 import time
 import warnings
 from urllib.parse import urlsplit
 
 from PIL import Image, ImageOps
-from requests import RequestException
+from requests import RequestException, Response
 from runpod.serverless.utils.rp_ssrf import SSRFError, iter_content_capped, safe_get
 
 from src.errors import JobError
@@ -64,26 +67,43 @@ def fetch_url(url: str) -> bytes:
     """Download within the size and time caps; every failure says which cap or step."""
     shown = _without_query(url)
     deadline = time.monotonic() + DOWNLOAD_SECONDS
+    too_slow = f"image: fetching {shown} took over {DOWNLOAD_SECONDS:g} s"
     try:
         with safe_get(
             url, timeout=(5, 10), max_bytes=MAX_BYTES, headers={"User-Agent": USER_AGENT}
         ) as response:
             if response.status_code >= 400:
                 raise JobError(f"image: fetching {shown} failed with HTTP {response.status_code}")
-            chunks = []
-            for chunk in iter_content_capped(response, 1 << 16, MAX_BYTES):
-                chunks.append(chunk)
-                if time.monotonic() > deadline:
-                    raise JobError(f"image: fetching {shown} took over {DOWNLOAD_SECONDS:g} s")
-            return b"".join(chunks)
+            # A chunk comes back only once 64 KiB have arrived, and a host that sends a byte every
+            # few seconds never trips the read timeout: at the deadline the socket is shut instead.
+            watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), _shut, args=(response,))
+            watchdog.daemon = True
+            watchdog.start()
+            try:
+                data = b"".join(iter_content_capped(response, 1 << 16, MAX_BYTES))
+            finally:
+                watchdog.cancel()
+            if time.monotonic() > deadline:
+                raise JobError(too_slow)
+            return data
     except SSRFError as err:
         reason = _without_query(str(err))
         if "size cap" in reason:
             raise JobError(f"image: {shown} is over the {MAX_BYTES // 2**20} MiB cap") from None
         raise JobError(f"image: {shown} is refused: {reason}") from None
     except RequestException as err:
+        if time.monotonic() > deadline:
+            raise JobError(too_slow) from None
         kind = "timed out" if "timeout" in type(err).__name__.lower() else "could not be fetched"
         raise JobError(f"image: {shown} {kind} ({type(err).__name__})") from None
+
+
+def _shut(response: Response) -> None:
+    """End a download from the watchdog thread: shutdown wakes a blocked read, close would not."""
+    sock = getattr(getattr(response.raw, "connection", None), "sock", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def open_image(data: bytes) -> Image.Image:

@@ -150,11 +150,12 @@ def _download(
         return None, "download from Hugging Face: ZIMAGE_ALLOW_DOWNLOAD=1 but HF_HUB_OFFLINE=1 forbids it"
     log.info("model %s: downloading from Hugging Face (ZIMAGE_ALLOW_DOWNLOAD=1)", setting)
     try:
-        folder = Path(
-            snapshot_download(
-                setting, cache_dir=roots.hf_cache, ignore_patterns=NOT_NEEDED, endpoint=roots.hub_endpoint
-            )
+        # B615 (no revision pinned) on purpose: an opt-in fetch of the repo the operator named; only
+        # safetensors and configs come down (NOT_NEEDED) and load, so no revision can run code.
+        snapshot = snapshot_download(  # nosec B615
+            setting, cache_dir=roots.hf_cache, ignore_patterns=NOT_NEEDED, endpoint=roots.hub_endpoint
         )
+        folder = Path(snapshot)
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
         return None, f"download from Hugging Face: failed ({type(err).__name__})"
     missing = check(folder)

@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 from diffusers import ZImageImg2ImgPipeline, ZImagePipeline
 from PIL import Image
+from safetensors import SafetensorError
 
+from src.model_files import ModelNotFound
 from src.prompts import PromptEncoder
 from src.request import PRESET_SIZES, GenerateRequest
 from src.timing import Stopwatch
@@ -36,8 +38,22 @@ def pick_device() -> tuple[torch.device, torch.dtype]:
 
 
 def load_pipeline(folder: Path, dtype: torch.dtype) -> ZImagePipeline:
-    """The text-to-image pipeline from a local folder: safetensors only, never pickle."""
-    return ZImagePipeline.from_pretrained(folder, dtype=dtype, use_safetensors=True, local_files_only=True)
+    """The text-to-image pipeline from a local folder: safetensors only, never pickle.
+
+    A folder can hold every file and still not load (a truncated download, a config that is not
+    JSON); that stops the worker at start with the cause, as a missing folder does.
+    """
+    try:
+        return ZImagePipeline.from_pretrained(
+            folder, dtype=dtype, use_safetensors=True, local_files_only=True
+        )
+    except (OSError, ValueError, SafetensorError) as err:
+        cause = (str(err).strip().splitlines() or [""])[0][:300]
+        raise ModelNotFound(
+            f"ZIMAGE_MODEL: the model folder {folder} is there but cannot be loaded "
+            f"({type(err).__name__}: {cause}). A file in it is truncated or corrupt: download or "
+            "copy the weights again, or rebuild the image (README, 'Deploy')."
+        ) from None
 
 
 class ZImageGenerator:

@@ -41,6 +41,8 @@ SIZE_RULE = (
     f"(presets: {', '.join(PRESET_SIZES)})"
 )
 FORMAT_ALIASES = {"jpg": "jpeg"}
+# A body with a thousand bad keys is answered in a few clauses, not a thousand.
+MAX_PROBLEMS = 5
 
 
 def _format_name(value: Any) -> Any:
@@ -53,7 +55,7 @@ def _format_name(value: Any) -> Any:
 
 def parse_size(size: str) -> tuple[int, int]:
     """'1024*768' or '1024x768' -> (1024, 768); raises ValueError with the rule."""
-    match = re.fullmatch(r"\s*(\d{1,5})\s*[*xX]\s*(\d{1,5})\s*", size)
+    match = re.fullmatch(r"\s*(\d{1,5})\s*[*xX]\s*(\d{1,5})\s*", size, flags=re.ASCII)
     width, height = (int(match[1]), int(match[2])) if match else (0, 0)
     sides_ok = all(side % SIDE_STEP == 0 and MIN_SIDE <= side <= MAX_SIDE for side in (width, height))
     # The pixel budget is implied by the side bounds today; kept so a wider range cannot raise it.
@@ -145,7 +147,11 @@ def parse_request(raw: Any) -> GenerateRequest:
     try:
         return GenerateRequest.model_validate(raw)
     except ValidationError as err:
-        raise JobError("; ".join(_describe(error, raw) for error in err.errors())) from None
+        errors = err.errors()
+        problems = [_describe(error, raw) for error in errors[:MAX_PROBLEMS]]
+        if len(errors) > MAX_PROBLEMS:
+            problems.append(f"and {len(errors) - MAX_PROBLEMS} more problem(s)")
+        raise JobError("; ".join(problems)) from None
 
 
 def _describe(error: Any, raw: dict) -> str:
@@ -154,13 +160,21 @@ def _describe(error: Any, raw: dict) -> str:
     if error["type"] == "extra_forbidden":
         close = difflib.get_close_matches(field, FIELDS, n=1, cutoff=0.5)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        return f"{field}: unknown field; {hint}allowed fields: {', '.join(FIELDS)}"
+        return f"{_key(field)}: unknown field; {hint}allowed fields: {', '.join(FIELDS)}"
     if error["type"] == "missing":
         return f"{field}: required; send {FIELDS[field].description}"
     if not field:  # a rule across fields (model validator)
         return str(error["ctx"]["error"])
     shown = _shown(raw.get(field))
     return f"{field}: {shown} is not allowed: it must be {FIELDS[field].description}"
+
+
+def _key(name: str) -> str:
+    """An unknown key as the message shows it: as sent when short and plain, else quoted and cut,
+    so a 5 MB key is not echoed back and a key with a newline cannot forge a log line."""
+    if re.fullmatch(r"[\w.-]{1,40}", name, flags=re.ASCII):
+        return name
+    return repr(name[:40]) + ("..." if len(name) > 40 else "")
 
 
 def _shown(value: Any) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
 log = logging.getLogger(__name__)
@@ -99,13 +100,14 @@ class SafetyChecker:
         """Load the classifier from a complete local folder, refusing one without an `nsfw` label."""
         try:
             # The labels come from the config alone: a wrong model is refused before its weights load.
-            config = AutoConfig.from_pretrained(folder, local_files_only=True)
+            # B615 (no revision pinned) does not apply: a local folder, local_files_only=True.
+            config = AutoConfig.from_pretrained(folder, local_files_only=True)  # nosec B615
             nsfw_index = nsfw_label_index(config.id2label, folder)
-            processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
-            model = AutoModelForImageClassification.from_pretrained(
+            processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)  # nosec B615
+            model = AutoModelForImageClassification.from_pretrained(  # nosec B615
                 folder, config=config, dtype=dtype, use_safetensors=True, local_files_only=True
             )
-        except (OSError, ValueError, KeyError, TypeError) as err:
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
             raise SafetyModelError(
                 f"SAFETY_CHECKER_MODEL: the folder {folder} does not load as a transformers "
                 f"image-classification model ({type(err).__name__}: {str(err)[:300]}); use a model such as "

@@ -12,7 +12,7 @@ import gc
 import hashlib
 import json
 import logging
-import random
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,7 +104,7 @@ class Worker:
     def run(self, job_id: str, raw_input: Any, on_step: StepCallback | None = None) -> dict[str, Any]:
         clock = Stopwatch(self.generator.device)
         request = parse_request(raw_input)
-        seed = request.seed if request.seed >= 0 else random.randint(0, MAX_SEED)
+        seed = request.seed if request.seed >= 0 else secrets.randbelow(MAX_SEED + 1)
         log.info(
             "job %s: %s, prompt %d chars sha256 %s, %s x%d, %d steps, seed %d",
             job_id,

@@ -170,16 +170,11 @@ def test_image_host_failing_mid_download(worker, host, allow_loopback_downloads,
     assert_serves_the_next_job(worker)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src/input_image.py checks the 30 s cap only between 64 KiB chunks (fix pending)",
-)
 def test_a_trickling_host_is_cut_off_at_the_cap(worker, host, allow_loopback_downloads, monkeypatch):
     """The time cap holds even when every read returns a byte before the read timeout.
 
-    Known: the deadline is checked only when a 64 KiB chunk completes, so a host sending a byte
-    every few seconds holds a worker for hours. The fix (a timer that shuts the socket at the
-    deadline) goes in with the removal of this marker.
+    Reads return only when a 64 KiB chunk completes, so only a watchdog can hold this cap
+    against a host that sends a byte every few seconds.
     """
     monkeypatch.setattr(input_image, "DOWNLOAD_SECONDS", 2.0)
     server = host(trickle)
@@ -283,17 +278,14 @@ def _corrupt(folder: Path, how: str) -> None:
         raise AssertionError(how)
 
 
-# Caught by the file check before any weight loads: these stop the worker cleanly today.
+# Caught by the file check before any weight loads.
 CHECKED = [
     "model-index-not-json",
     "model-index-empty",
     "missing-component",
     "shard-index-names-a-missing-shard",
 ]
-# Found only when diffusers reads the files: today a raw OSError/SafetensorError with a traceback.
-PENDING = pytest.mark.xfail(
-    strict=True, reason="src/pipeline.py load_pipeline lets load errors escape as tracebacks (fix pending)"
-)
+# Found only when diffusers reads the files.
 UNREADABLE = [
     "truncated-transformer",
     "truncated-header",
@@ -315,7 +307,7 @@ def broken_copy(tiny_model, tmp_path) -> Callable[[str], Path]:
     return make
 
 
-@pytest.mark.parametrize("how", CHECKED + [pytest.param(h, marks=PENDING) for h in UNREADABLE])
+@pytest.mark.parametrize("how", CHECKED + UNREADABLE)
 def test_a_corrupt_model_stops_the_start_with_a_message(broken_copy, how):
     folder = broken_copy(how)
     with pytest.raises(ModelNotFound) as caught:
@@ -324,7 +316,6 @@ def test_a_corrupt_model_stops_the_start_with_a_message(broken_copy, how):
     assert message.startswith("ZIMAGE_MODEL:") and str(folder) in message, message
 
 
-@pytest.mark.xfail(strict=True, reason="src/safety.py lets a SafetensorError escape (fix pending)")
 def test_a_corrupt_safety_checker_stops_the_start_with_a_message(tiny_model, never_flags, tmp_path):
     folder = tmp_path / "checker"
     shutil.copytree(never_flags, folder)
@@ -339,7 +330,7 @@ def test_a_corrupt_safety_checker_stops_the_start_with_a_message(tiny_model, nev
 START_CASES = [
     "model-index-not-json",
     "missing-component",
-    pytest.param("truncated-transformer", marks=PENDING),
+    "truncated-transformer",
 ]
 
 

@@ -143,11 +143,6 @@ def test_wrong_types_in_known_fields_name_those_fields(raw):
         assert first in raw or first == "prompt"  # a missing prompt is named too
 
 
-# Known: src/request.py echoes unknown keys verbatim, one full clause per key, so a 5000-char
-# key or 1000 unknown keys make messages (and INFO log lines) of 5 KB to 200 KB, and a key
-# with a newline forges a log line. The marker goes in the commit that fixes it (shorten each
-# key, cap the number of clauses).
-@pytest.mark.xfail(strict=True, reason="src/request.py echoes unknown keys verbatim (fix pending)")
 def test_hostile_keys_are_not_echoed_unbounded():
     """A key is the caller's text too: it is shortened and kept on one line like any value."""
     cases = {
