@@ -62,6 +62,7 @@ def test_free_sizes_within_the_rules(size):
 @pytest.mark.parametrize(
     "size",
     [
+        "５１２*５１２",
         "1000*1000",
         "240*240",
         "2064*2048",
