@@ -157,6 +157,19 @@ def worker_env(model: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def serve_api_command(port: int) -> list[str]:
+    """`python handler.py --rp_serve_api` on a loopback port, as the README runs it."""
+    return [
+        sys.executable,
+        "handler.py",
+        "--rp_serve_api",
+        "--rp_api_host",
+        "127.0.0.1",
+        "--rp_api_port",
+        str(port),
+    ]
+
+
 class LocalAPI:
     """`python handler.py --rp_serve_api` as a subprocess on a free loopback port."""
 
@@ -166,15 +179,7 @@ class LocalAPI:
         self.log_path = log_path
         self.log_file = open(log_path, "wb")  # noqa: SIM115
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "handler.py",
-                "--rp_serve_api",
-                "--rp_api_host",
-                "127.0.0.1",
-                "--rp_api_port",
-                str(self.port),
-            ],
+            serve_api_command(self.port),
             cwd=ROOT,
             env=env,
             stdout=self.log_file,

@@ -16,7 +16,6 @@ import shutil
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,7 +31,15 @@ from src.model_files import ModelNotFound
 from src.safety import SafetyModelError
 from src.settings import Settings
 from src.worker import Worker
-from tests.conftest import ROOT, data_uri_of, decode_data_uri, free_port, png_bytes, worker_env
+from tests.conftest import (
+    ROOT,
+    data_uri_of,
+    decode_data_uri,
+    free_port,
+    png_bytes,
+    serve_api_command,
+    worker_env,
+)
 
 PNG = png_bytes((320, 240), (10, 200, 90))
 SMALL = {"size": "256*256", "num_inference_steps": 1, "output_format": "png"}
@@ -341,15 +348,7 @@ def test_handler_exits_at_start_on_a_corrupt_model(broken_copy, how):
     port = free_port()
     started = time.monotonic()
     done = subprocess.run(
-        [
-            sys.executable,
-            "handler.py",
-            "--rp_serve_api",
-            "--rp_api_host",
-            "127.0.0.1",
-            "--rp_api_port",
-            str(port),
-        ],
+        serve_api_command(port),
         cwd=ROOT,
         env=worker_env(folder),
         capture_output=True,

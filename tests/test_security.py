@@ -48,6 +48,7 @@ from tests.conftest import (
     free_port,
     local_api,
     png_bytes,
+    serve_api_command,
     worker_env,
 )
 from tests.test_bad_input import assert_ssrf_protection_on
@@ -325,15 +326,7 @@ def test_a_pickle_only_model_is_refused_at_start(tiny_model, tmp_path):
     _plant_traps(folder, marker)
     port = free_port()
     done = subprocess.run(
-        [
-            sys.executable,
-            "handler.py",
-            "--rp_serve_api",
-            "--rp_api_host",
-            "127.0.0.1",
-            "--rp_api_port",
-            str(port),
-        ],
+        serve_api_command(port),
         cwd=ROOT,
         env=worker_env(folder),
         capture_output=True,
