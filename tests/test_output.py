@@ -49,3 +49,22 @@ def test_unknown_format_is_a_programming_error(picture):
 )
 def test_cost_is_price_times_images_rounded(price, count, cost):
     assert job_cost(price, count) == cost
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fast_png_is_a_valid_png_with_the_same_pixels_as_pils(seed):
+    rng = np.random.default_rng(seed)
+    array = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)  # odd sizes, every byte value
+    array[:5] = 255  # and some flat rows, where the filter's wrap-around matters
+    image = Image.fromarray(array)
+    data = encode_image(image, "png", 95)
+    Image.open(io.BytesIO(data)).verify()  # checks every chunk's CRC
+    decoded = Image.open(io.BytesIO(data))
+    assert decoded.format == "PNG" and decoded.mode == "RGB" and decoded.size == (53, 37)
+    assert np.array_equal(np.asarray(decoded), array)
+
+
+def test_non_rgb_png_goes_through_pil(picture):
+    grey = picture.convert("L")
+    decoded = Image.open(io.BytesIO(encode_image(grey, "png", 95)))
+    assert decoded.mode == "L" and np.array_equal(np.asarray(decoded), np.asarray(grey))
