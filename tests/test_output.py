@@ -68,3 +68,11 @@ def test_non_rgb_png_goes_through_pil(picture):
     grey = picture.convert("L")
     decoded = Image.open(io.BytesIO(encode_image(grey, "png", 95)))
     assert decoded.mode == "L" and np.array_equal(np.asarray(decoded), np.asarray(grey))
+
+
+def test_a_large_png_deflated_in_pieces_is_one_valid_stream():
+    """Over 512 KiB the deflating is split across threads; the result must still be one PNG."""
+    array = np.random.default_rng(3).integers(0, 256, (700, 900, 3), dtype=np.uint8)
+    data = encode_image(Image.fromarray(array), "png", 95)
+    Image.open(io.BytesIO(data)).verify()
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), array)
