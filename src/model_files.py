@@ -26,7 +26,9 @@ HOW_TO_FIX = (
     "to a local diffusers folder (for a CPU try: python builder/tiny_model.py /tmp/tiny-zimage)."
 )
 # Formats the worker never loads (it reads safetensors only): a runtime download skips them,
-# which for some repos halves the bytes and keeps pickles off the machine.
+# which for some repos halves the bytes and keeps pickles off the machine. The same list is
+# builder/download_weights.py's NEVER (that script imports nothing from src/, so the Docker
+# weights layer does not depend on the code); tests/test_model_files.py keeps them equal.
 NOT_NEEDED = [
     "*.bin",
     "*.pt",

@@ -157,6 +157,35 @@ def worker_env(model: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def wait_for_http(url: str, process: subprocess.Popen, seconds: float) -> None:
+    """Poll `url` until it answers; RuntimeError if the process exits or time runs out."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"exited with {process.returncode}")
+        try:
+            requests.get(url, timeout=2)
+            return
+        except requests.ConnectionError:
+            time.sleep(0.2)
+    raise RuntimeError(f"did not come up in {seconds:g} s")
+
+
+def failed_start(model: Path, port: int | None = None) -> str:
+    """`python handler.py --rp_serve_api` as deployed, on a model that must stop it: its output."""
+    done = subprocess.run(
+        serve_api_command(port or free_port()),
+        cwd=ROOT,
+        env=worker_env(model),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output[-2000:]
+    return output
+
+
 def serve_api_command(port: int) -> list[str]:
     """`python handler.py --rp_serve_api` on a loopback port, as the README runs it."""
     return [
@@ -185,17 +214,11 @@ class LocalAPI:
             stdout=self.log_file,
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                requests.get(f"{self.url}/docs", timeout=2)
-                return
-            except requests.ConnectionError:
-                time.sleep(0.3)
-        self.close()
-        raise RuntimeError(f"worker did not come up in 120 s:\n{self.log()}")
+        try:
+            wait_for_http(f"{self.url}/docs", self.process, seconds=120)
+        except RuntimeError as err:
+            self.close()
+            raise RuntimeError(f"worker: {err}:\n{self.log()}") from None
 
     def runsync(self, job_input: object, timeout: float = 120) -> dict:
         response = requests.post(f"{self.url}/runsync", json={"input": job_input}, timeout=timeout)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import shutil
 import socket
 import struct
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,13 +31,11 @@ from src.safety import SafetyModelError
 from src.settings import Settings
 from src.worker import Worker
 from tests.conftest import (
-    ROOT,
     data_uri_of,
     decode_data_uri,
+    failed_start,
     free_port,
     png_bytes,
-    serve_api_command,
-    worker_env,
 )
 
 PNG = png_bytes((320, 240), (10, 200, 90))
@@ -347,17 +344,8 @@ def test_handler_exits_at_start_on_a_corrupt_model(broken_copy, how):
     folder = broken_copy(how)
     port = free_port()
     started = time.monotonic()
-    done = subprocess.run(
-        serve_api_command(port),
-        cwd=ROOT,
-        env=worker_env(folder),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    output = failed_start(folder, port)
     elapsed = time.monotonic() - started
-    output = done.stdout + done.stderr
-    assert done.returncode != 0, output[-2000:]
     assert "cannot start: ZIMAGE_MODEL:" in output and str(folder) in output, output[-2000:]
     assert "Traceback" not in output, output[-3000:]
     assert elapsed < 90, f"took {elapsed:.0f} s to give up"

@@ -268,3 +268,10 @@ def test_a_failed_download_is_reported(roots, hub, monkeypatch):
         ModelNotFound, match=r"download from Hugging Face: failed \(RepositoryNotFoundError\)"
     ):
         resolve(REPO, allowed)
+
+
+def test_the_runtime_download_skips_what_the_image_build_skips():
+    from builder.download_weights import NEVER
+    from src.model_files import NOT_NEEDED
+
+    assert sorted(NOT_NEEDED) == sorted(NEVER)

@@ -45,10 +45,10 @@ from tests.conftest import (
     LocalAPI,
     Route,
     data_uri_of,
+    failed_start,
     free_port,
     local_api,
     png_bytes,
-    serve_api_command,
     worker_env,
 )
 from tests.test_bad_input import assert_ssrf_protection_on
@@ -324,17 +324,7 @@ def test_a_pickle_only_model_is_refused_at_start(tiny_model, tmp_path):
     for weights in folder.rglob("*.safetensors"):
         weights.unlink()
     _plant_traps(folder, marker)
-    port = free_port()
-    done = subprocess.run(
-        serve_api_command(port),
-        cwd=ROOT,
-        env=worker_env(folder),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    output = done.stdout + done.stderr
-    assert done.returncode != 0, output[-2000:]
+    output = failed_start(folder)
     assert "cannot start: ZIMAGE_MODEL" in output and "transformer/*.safetensors" in output, output[-2000:]
     assert "Traceback" not in output and not marker.exists()
 

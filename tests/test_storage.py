@@ -42,7 +42,7 @@ from src.output_image import encode_image
 from src.settings import Settings
 from src.storage import PRESIGN_SECONDS, Storage, addressing_for, region_for
 from src.worker import Worker
-from tests.conftest import ROOT, free_port, local_api, png_bytes, worker_env
+from tests.conftest import ROOT, free_port, local_api, png_bytes, wait_for_http, worker_env
 
 KEY_ID = "AKIASTORAGETEST00001"
 SECRET = "storage-test-secret-7Qz9vX2m"
@@ -67,16 +67,11 @@ class MotoServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"moto server exited with {self.process.returncode}"
-            try:
-                requests.get(f"{self.url}/moto-api/", timeout=2)
-                return
-            except requests.ConnectionError:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("moto server did not come up in 30 s")
+        try:
+            wait_for_http(f"{self.url}/moto-api/", self.process, seconds=30)
+        except RuntimeError as err:
+            self.stop()
+            raise RuntimeError(f"moto server: {err}") from None
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
