@@ -5,7 +5,8 @@
     python handler.py --rp_serve_api --rp_api_port 8000 # local /runsync, /run, /status
 
 Deployed, this file is the container's command: the weights load once, before the
-first job is taken. The work lives in src/ (see README, "Layout").
+first job is taken, then the Runpod SDK's job loop (src/job_loop.py) keeps up to
+MAX_CONCURRENCY jobs in flight. The work lives in src/ (see README, "Layout").
 """
 
 import time
@@ -16,8 +17,7 @@ import logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 
-import runpod  # noqa: E402
-
+from src.job_loop import serve  # noqa: E402
 from src.logs import add_secret, configure_logging  # noqa: E402
 from src.model_files import ModelNotFound  # noqa: E402
 from src.safety import SafetyModelError  # noqa: E402
@@ -39,7 +39,7 @@ def main() -> None:
         log.error("cannot start: %s", err)
         sys.exit(1)
     log.info("cold start: %.0f ms from process start to taking jobs", (time.perf_counter() - STARTED) * 1000)
-    runpod.serverless.start({"handler": worker.handle})
+    serve(worker.handle, settings.max_concurrency, stop_taking_jobs=lambda: worker.gpu.faulted)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ after one warm-up job, measured inside the handler (the `timings` a caller sees)
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import io
 import json
@@ -105,6 +106,10 @@ def build_full_size(folder: Path) -> Path:
     return folder
 
 
+def run_job(worker: Worker, job_id: str, job_input: dict) -> dict:
+    return asyncio.run(worker.run(job_id, job_input))
+
+
 def median(values: list[float]) -> float:
     return round(statistics.median(values), 1)
 
@@ -113,12 +118,14 @@ def stage_table(worker: Worker, sizes: tuple[str, ...], runs: int, fmt: str = "p
     rows = []
     for size in sizes:
         job = {"prompt": PROMPT, "size": size, "seed": 1, "output_format": fmt}
-        worker.run("warm", job)
+        run_job(worker, "warm", job)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         # A new prompt each run: the embedding cache would otherwise hide the text encoder.
         samples = [
-            worker.run(f"bench-{i}", {**job, "prompt": f"{PROMPT}, {size}, take {i}", "seed": i})["timings"]
+            run_job(worker, f"bench-{i}", {**job, "prompt": f"{PROMPT}, {size}, take {i}", "seed": i})[
+                "timings"
+            ]
             for i in range(runs)
         ]
         row = {"size": size, **{stage: median([s[stage] for s in samples]) for stage in STAGES}}
@@ -283,7 +290,7 @@ def main() -> None:
                 "",
             ]
 
-    generated = worker.run("png", {"prompt": PROMPT, "seed": 1})
+    generated = run_job(worker, "png", {"prompt": PROMPT, "seed": 1})
     output_image = Image.open(io.BytesIO(base64.b64decode(generated["image_url"].split(",", 1)[1])))
     for name, image in (
         ("the model's 1024x1024 output", output_image),

@@ -11,6 +11,12 @@ class JobError(Exception):
     """
 
 
-def error_output(message: str) -> dict[str, str]:
-    """The only shape a failed job returns; the platform reports it as FAILED."""
+def error_output(message: str, refresh_worker: bool = False) -> dict[str, object]:
+    """The only shape a failed job returns; the platform reports it as FAILED.
+
+    `refresh_worker` asks Runpod to replace this worker after the job (the SDK turns it
+    into `stopPod`), for failures that would otherwise fail every later job too.
+    """
+    if refresh_worker:
+        return {"error": message, "refresh_worker": True}
     return {"error": message}

@@ -12,6 +12,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
+# Each job in flight holds its input and output images in host memory; past a handful the
+# GPU gains nothing (it runs one job at a time) and a job waits longer behind the others.
+MAX_CONCURRENCY = 8
+
 
 class SettingsError(ValueError):
     """A setting has a value the worker cannot run with."""
@@ -45,6 +49,9 @@ class Settings:
     acceleration: str = "none"
     # "1"/"true": a repo id missing from every local place is downloaded at start (needs HF_HUB_OFFLINE=0).
     allow_download: bool = False
+    # Jobs in flight on one worker (Runpod's concurrency_modifier); the GPU still runs one at a
+    # time, and the others fetch inputs, encode and upload meanwhile. 1 = strictly one job.
+    max_concurrency: int = 2
 
     @property
     def storage_enabled(self) -> bool:
@@ -113,6 +120,7 @@ class Settings:
             report_progress=bool(text("RUNPOD_WEBHOOK_POST_OUTPUT", None)),
             allow_download=_flag(env, "ZIMAGE_ALLOW_DOWNLOAD", cls.allow_download),
             compile=_flag(env, "ZIMAGE_COMPILE", cls.compile),
+            max_concurrency=_integer(env, "MAX_CONCURRENCY", cls.max_concurrency, 1, MAX_CONCURRENCY),
         )
 
 
@@ -125,6 +133,15 @@ def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     if raw.lower() in ("0", "false"):
         return False
     raise SettingsError(f"{name}: {raw!r} is not allowed: use 1 or true for on, 0, false or unset for off")
+
+
+def _integer(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    if not re.fullmatch(r"[0-9]{1,4}", raw, flags=re.ASCII) or not low <= int(raw) <= high:
+        raise SettingsError(f"{name}: {raw!r} is not allowed: it must be a whole number from {low} to {high}")
+    return int(raw)
 
 
 def _number(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:

@@ -31,6 +31,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, ReadTimeoutError
 
 from src.errors import JobError
+from src.gpu import JobStopped, Stop
 from src.output_image import MIME_TYPES
 from src.settings import Settings
 
@@ -117,8 +118,12 @@ class Storage:
         self.pool = ThreadPoolExecutor(max_workers=self.upload_threads, thread_name_prefix="upload")
         log.info("storage: bucket %r at %s (region %s, %s-style)", self.bucket, self.host, region, addressing)
 
-    def upload_all(self, job_id: str, images: list[bytes], output_format: str) -> list[str]:
-        """Store every image (in parallel) and return their presigned URLs, or raise JobError."""
+    def upload_all(
+        self, job_id: str, images: list[bytes], output_format: str, stop: Stop | None = None
+    ) -> list[str]:
+        """Store every image (in parallel) and return their presigned URLs, or raise JobError.
+
+        A job stopped while its images go up leaves nothing behind: what was stored is removed."""
         keys = [object_key(job_id, i, output_format) for i in range(len(images))]
         futures = [
             self.pool.submit(self._put, key, data, output_format)
@@ -134,6 +139,9 @@ class Storage:
                 f"upload: storing {len(failed)} of {len(images)} image(s) in bucket '{self.bucket}' "
                 f"at {self.host} failed: {self._describe(failed[0])}. No image was returned."
             )
+        if stop is not None and stop.is_set():
+            self._delete_quietly(keys)
+            raise JobStopped
         return [self.presign(key) for key in keys]
 
     def presign(self, key: str) -> str:

@@ -1,19 +1,25 @@
-"""The worker: everything loaded once at start, then one `handle(job)` per job.
+"""The worker: everything loaded once at start, then one `await handle(job)` per job.
+
+A job is one straight line: parse; fetch inputs; on the GPU (one job at a time, see
+src/gpu.py) generate and check; encode; deliver. Up to MAX_CONCURRENCY jobs are in
+flight, so one job's fetches, encoding and upload overlap another's GPU stage.
 
 `handle` is the one place where failures become `{"error": ...}`: a `JobError` passes
-its message through; running out of GPU memory frees it and says so; anything else is
-logged with its traceback and reported as a short internal error. The worker keeps
-serving after every one of them.
+its message through (out of GPU memory is one, after the memory is freed); a GPU fault
+also asks Runpod to replace the worker; anything else is logged with its traceback and
+reported as a short internal error. The worker keeps serving after every one of them.
+A stopped job raises `CancelledError` through it, as the SDK expects, and returns nothing.
 """
 
 from __future__ import annotations
 
-import gc
+import asyncio
 import hashlib
 import json
 import logging
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -21,6 +27,7 @@ import torch
 from PIL import Image
 
 from src.errors import JobError, error_output
+from src.gpu import GpuFault, GpuStage, Stop, run_stoppable
 from src.input_image import load_image
 from src.model_files import SearchRoots, missing_classifier_files, missing_pipeline_files, resolve_model
 from src.output_image import data_uri, encode_image
@@ -36,7 +43,17 @@ log = logging.getLogger(__name__)
 
 # Runpod rejects results over 20 MB (/run: 10 MB); data URIs past that fail the job instead.
 MAX_RESULT_BYTES = 20_000_000
-TIMING_KEYS = ("load_input", "encode_prompt", "denoise", "decode", "safety", "encode_image", "upload")
+TIMING_KEYS = (
+    "load_input",
+    "load_loras",
+    "preprocess_control",
+    "encode_prompt",
+    "denoise",
+    "decode",
+    "safety",
+    "encode_image",
+    "upload",
+)
 
 
 @dataclass
@@ -45,6 +62,7 @@ class Worker:
     generator: ZImageGenerator
     safety: SafetyChecker | None
     storage: Storage | None
+    gpu: GpuStage = field(default_factory=GpuStage)
 
     @classmethod
     def start(cls, settings: Settings, roots: SearchRoots | None = None) -> Worker:
@@ -77,32 +95,34 @@ class Worker:
         log.info("ready on %s (%s): %s", device, str(dtype).removeprefix("torch."), parts)
         return cls(settings, generator, safety, storage)
 
-    def handle(self, job: dict[str, Any]) -> dict[str, Any]:
+    async def handle(self, job: dict[str, Any]) -> dict[str, Any]:
+        """The SDK's handler: a job's output, or the one error shape; the worker serves on."""
         job_id = str(job.get("id", "local"))
-        out_of_memory = False
         try:
-            return self.run(job_id, job.get("input"), _progress_reporter(job, self.settings))
+            return await self.run(job_id, job.get("input"), _progress_reporter(job, self.settings))
         except JobError as err:
             log.info("job %s failed: %s", job_id, err)
             return error_output(str(err))
-        except torch.OutOfMemoryError:
-            out_of_memory = True
-            log.error("job %s: out of GPU memory", job_id)
+        except GpuFault:
+            log.exception("job %s: GPU fault; asking Runpod to replace this worker", job_id)
             return error_output(
-                "out of GPU memory for this request: try a smaller size or fewer images "
-                "(the worker freed the memory and keeps serving)"
+                f"GPU failure in job {job_id}: this worker can no longer use its GPU and is being "
+                "replaced; send the job again",
+                refresh_worker=True,
             )
+        except asyncio.CancelledError:
+            log.info("job %s stopped by the platform: nothing was uploaded", job_id)
+            raise
         except Exception:
             log.exception("job %s: unexpected error", job_id)
             return error_output(
                 f"internal error in job {job_id}; the worker logged the details and keeps serving"
             )
-        finally:
-            if out_of_memory:  # after the except block, so the traceback's tensors are gone too
-                free_memory()
 
-    def run(self, job_id: str, raw_input: Any, on_step: StepCallback | None = None) -> dict[str, Any]:
+    async def run(self, job_id: str, raw_input: Any, on_step: StepCallback | None = None) -> dict[str, Any]:
+        """One job, start to end. Only the GPU stage waits for other jobs; the rest overlaps them."""
         clock = Stopwatch(self.generator.device)
+        stop = Stop()
         request = parse_request(raw_input)
         seed = request.seed if request.seed >= 0 else secrets.randbelow(MAX_SEED + 1)
         log.info(
@@ -118,17 +138,46 @@ class Worker:
         )
 
         # 1. The input image, if any, fetched or decoded and fitted to the size.
-        init_image = load_image(request.image, request.width, request.height) if request.image else None
+        init_image = None
+        if request.image:
+            init_image = await run_stoppable(
+                None, load_image, stop, request.image, request.width, request.height
+            )
         clock.lap("load_input")
 
-        # 2. Generate (strength 0 returns the fitted input untouched by the model).
+        # 2. On the GPU, one job at a time: generate, check safety, bring the kept images to the host.
+        def step(done: int, total: int) -> None:
+            stop.check()  # a stopped job ends here, between two denoising steps
+            if on_step is not None:
+                on_step(done, total)
+
+        work = partial(self._on_gpu, request, seed, init_image, clock, step)
+        kept, images, flags = await self.gpu.run(work, stop)
+
+        # 3. Encode and deliver.
+        encoded = await run_stoppable(None, self._encode, stop, images, request)
+        clock.lap("encode_image")
+        urls = await run_stoppable(None, self._deliver, stop, job_id, encoded, request, stop)
+        clock.lap("upload")
+        return self._output(request, seed, kept, urls, flags, clock)
+
+    def _on_gpu(
+        self,
+        request: GenerateRequest,
+        seed: int,
+        init_image: Image.Image | None,
+        clock: Stopwatch,
+        step: StepCallback,
+    ) -> tuple[list[int], list[Image.Image], list[bool]]:
+        clock.lap("wait_gpu")  # behind other jobs; reported in no stage, only in `total`
         if init_image is not None and request.strength == 0:
+            # strength 0 returns the fitted input untouched by the model.
             images = _as_tensor(init_image, self.generator.device).repeat(request.num_images, 1, 1, 1)
             clock.lap("decode")  # the fitted input, as the tensor the checker reads
         else:
-            images = self.generator.generate(request, seed, clock, init_image, on_step)
+            images = self.generator.generate(request, seed, clock, init_image, step)
 
-        # 3. Check every image in one batch; flagged ones are dropped before encoding.
+        # Every image is checked in one batch; flagged ones are dropped before encoding.
         flags = [False] * request.num_images
         if request.enable_safety_checker and self.safety is not None:
             flags = self.safety.flags(images)
@@ -139,20 +188,15 @@ class Worker:
                 f"safety: all {len(flags)} generated image(s) were flagged as NSFW by the safety checker "
                 "and dropped; nothing was returned or charged. Try another prompt or seed."
             )
+        return kept, to_pil(images[kept]), flags
 
-        # 4. Encode and deliver.
-        encoded = [
-            encode_image(image, request.output_format, request.output_quality)
-            for image in to_pil(images[kept])
-        ]
-        clock.lap("encode_image")
-        urls = self._deliver(job_id, encoded, request)
-        clock.lap("upload")
-        return self._output(request, seed, kept, urls, flags, clock)
+    @staticmethod
+    def _encode(images: list[Image.Image], request: GenerateRequest) -> list[bytes]:
+        return [encode_image(image, request.output_format, request.output_quality) for image in images]
 
-    def _deliver(self, job_id: str, encoded: list[bytes], request: GenerateRequest) -> list[str]:
+    def _deliver(self, job_id: str, encoded: list[bytes], request: GenerateRequest, stop: Stop) -> list[str]:
         if self.storage is not None:
-            return self.storage.upload_all(job_id, encoded, request.output_format)
+            return self.storage.upload_all(job_id, encoded, request.output_format, stop)
         return [data_uri(data, request.output_format) for data in encoded]
 
     def _output(
@@ -188,12 +232,6 @@ class Worker:
                 "'jpeg' or 'webp', fewer images, or a smaller size."
             )
         return output
-
-
-def free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _as_tensor(image: Image.Image, device: torch.device) -> torch.Tensor:

@@ -6,6 +6,7 @@ transformers classes with random weights, and every server listens on 127.0.0.1.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import os
@@ -45,6 +46,16 @@ def never_flags(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def worker(tiny_model: Path) -> Worker:
     """The real worker on the tiny model, checker off, data URIs (no bucket)."""
     return Worker.start(Settings(model=str(tiny_model), safety_checker_model="none"))
+
+
+def handle_job(worker: Worker, job: dict) -> dict:
+    """One job through the SDK's handler, `worker.handle`, outside any job loop."""
+    return asyncio.run(worker.handle(job))
+
+
+def run_input(worker: Worker, job_id: str, job_input: dict, on_step=None) -> dict:
+    """`worker.run` for one input, raising what it raises (no error shape)."""
+    return asyncio.run(worker.run(job_id, job_input, on_step))
 
 
 def png_bytes(size: tuple[int, int] = (64, 48), color: tuple[int, int, int] = (200, 30, 30)) -> bytes:

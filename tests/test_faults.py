@@ -24,8 +24,8 @@ import pytest
 import requests
 import torch
 
+import src.gpu as gpu_module
 import src.input_image as input_image
-import src.worker as worker_module
 from src.model_files import ModelNotFound
 from src.safety import SafetyModelError
 from src.settings import Settings
@@ -35,6 +35,7 @@ from tests.conftest import (
     decode_data_uri,
     failed_start,
     free_port,
+    handle_job,
     png_bytes,
 )
 
@@ -146,7 +147,7 @@ def host(request) -> Iterator[Callable[[Callable[[socket.socket], None]], RawHos
 
 
 def job(worker: Worker, job_id: str, **fields: object) -> dict:
-    return worker.handle({"id": job_id, "input": {"prompt": "a green field", **SMALL, **fields}})
+    return handle_job(worker, {"id": job_id, "input": {"prompt": "a green field", **SMALL, **fields}})
 
 
 def assert_failed_cleanly(result: dict, starts: str, says: str = "") -> None:
@@ -215,8 +216,8 @@ OOM_STAGES = [
 @pytest.mark.parametrize(("stage", "call", "fields"), OOM_STAGES)
 def test_out_of_memory_at_each_stage(worker, monkeypatch, request, stage, call, fields):
     freed = []
-    free_memory = worker_module.free_memory
-    monkeypatch.setattr(worker_module, "free_memory", lambda: (freed.append(True), free_memory()))
+    free_memory = gpu_module.free_memory
+    monkeypatch.setattr(gpu_module, "free_memory", lambda: (freed.append(True), free_memory()))
     pipe = worker.generator.text_to_image
     module = pipe
     for part in stage.split("."):
@@ -226,23 +227,23 @@ def test_out_of_memory_at_each_stage(worker, monkeypatch, request, stage, call, 
     request_fields = {"prompt": prompt, **SMALL, "seed": 11, **fields}
     reference = None
     if stage != "text_encoder":
-        reference = worker.handle({"id": "before", "input": request_fields})
+        reference = handle_job(worker, {"id": "before", "input": request_fields})
         assert "error" not in reference, reference
 
     hook = _oom_on_call(module, call)
     try:
-        failed = worker.handle({"id": "oom", "input": request_fields})
+        failed = handle_job(worker, {"id": "oom", "input": request_fields})
     finally:
         hook.remove()
 
     assert_failed_cleanly(failed, "out of GPU memory for this request")
     assert freed == [True]  # the worker released memory after this job, once
-    after = worker.handle({"id": "after", "input": request_fields})
+    after = handle_job(worker, {"id": "after", "input": request_fields})
     assert "error" not in after, after
     if reference is not None:
         # Nothing the failed job left behind (cached embeddings, RNG state) changes the next one.
         assert after["image_url"] == reference["image_url"]
-    again = worker.handle({"id": "again", "input": request_fields})
+    again = handle_job(worker, {"id": "again", "input": request_fields})
     assert again["image_url"] == after["image_url"]
 
 

@@ -12,11 +12,11 @@ from PIL import Image
 from src.pipeline import ZImageGenerator, load_pipeline
 from src.request import PRESET_SIZES
 from src.worker import TIMING_KEYS, Worker
-from tests.conftest import data_uri_of, decode_data_uri, png_bytes
+from tests.conftest import data_uri_of, decode_data_uri, handle_job, png_bytes, run_input
 
 
 def run(worker: Worker, **fields) -> dict:
-    output = worker.handle({"id": "test-job", "input": {"prompt": "a red fox in snow", **fields}})
+    output = handle_job(worker, {"id": "test-job", "input": {"prompt": "a red fox in snow", **fields}})
     assert "error" not in output, output
     return output
 
@@ -167,7 +167,8 @@ def test_chinese_prompt(worker):
 
 def test_progress_is_reported_once_per_step(worker):
     steps: list[tuple[int, int]] = []
-    worker.run(
+    run_input(
+        worker,
         "progress",
         {"prompt": "a", "size": "512*512", "num_inference_steps": 5},
         lambda s, t: steps.append((s, t)),
@@ -181,7 +182,7 @@ def test_out_of_memory_fails_the_job_and_the_worker_serves_the_next(worker):
 
     hook = worker.generator.text_to_image.transformer.register_forward_pre_hook(explode)
     try:
-        failed = worker.handle({"id": "oom", "input": {"prompt": "a", "size": "512*512"}})
+        failed = handle_job(worker, {"id": "oom", "input": {"prompt": "a", "size": "512*512"}})
     finally:
         hook.remove()
     assert failed["error"].startswith("out of GPU memory for this request")
@@ -196,7 +197,7 @@ def test_unexpected_errors_are_short_and_the_worker_serves_the_next(worker, capl
     hook = worker.generator.text_to_image.vae.decoder.register_forward_pre_hook(explode)
     try:
         with caplog.at_level("ERROR"):
-            failed = worker.handle({"id": "boom", "input": {"prompt": "a", "size": "512*512"}})
+            failed = handle_job(worker, {"id": "boom", "input": {"prompt": "a", "size": "512*512"}})
     finally:
         hook.remove()
     assert failed == {"error": "internal error in job boom; the worker logged the details and keeps serving"}
@@ -205,18 +206,19 @@ def test_unexpected_errors_are_short_and_the_worker_serves_the_next(worker, capl
 
 
 def test_bad_input_is_an_error_not_a_crash(worker):
-    assert worker.handle({"id": "x", "input": {"prompt": "a", "size": "1000*1000"}})["error"].startswith(
+    assert handle_job(worker, {"id": "x", "input": {"prompt": "a", "size": "1000*1000"}})["error"].startswith(
         "size:"
     )
-    assert worker.handle({"id": "x"})["error"].startswith("input:")
+    assert handle_job(worker, {"id": "x"})["error"].startswith("input:")
 
 
 def test_result_over_20_mb_fails_with_advice(worker):
-    output = worker.handle(
+    output = handle_job(
+        worker,
         {
             "id": "big",
             "input": {"prompt": "noise", "size": "2048*2048", "num_images": 2, "num_inference_steps": 1},
-        }
+        },
     )
     message = output["error"]
     assert message.startswith("output: 2 png image(s) at 2048*2048 make a")

@@ -31,7 +31,7 @@ from src.safety import SafetyChecker, SafetyModelError
 from src.settings import Settings
 from src.timing import Stopwatch
 from src.worker import Worker
-from tests.conftest import ROOT, data_uri_of, decode_data_uri, local_api, png_bytes, worker_env
+from tests.conftest import ROOT, data_uri_of, decode_data_uri, handle_job, local_api, png_bytes, worker_env
 
 CPU = torch.device("cpu")
 SPLIT_JOB = {"prompt": "a red fox in snow", "size": "512*512", "num_inference_steps": 1, "seed": 21}
@@ -56,7 +56,7 @@ def start(model: Path, checker: Path | str, threshold: float = 0.5) -> Worker:
 
 
 def job(worker: Worker, **fields) -> dict:
-    return worker.handle({"id": "safety-test", "input": {"prompt": "a red fox in snow", **fields}})
+    return handle_job(worker, {"id": "safety-test", "input": {"prompt": "a red fox in snow", **fields}})
 
 
 def solid(color: tuple[int, int, int]) -> str:

@@ -22,6 +22,7 @@ def test_defaults():
     assert settings.price_per_image_usd == 0.005
     assert not settings.storage_enabled and settings.safety_enabled
     assert not settings.report_progress
+    assert settings.max_concurrency == 2
 
 
 def test_every_variable_is_read():
@@ -35,6 +36,7 @@ def test_every_variable_is_read():
             "BUCKET_REGION": "eu-west-1",
             "BUCKET_ADDRESSING_STYLE": "virtual",
             "RUNPOD_WEBHOOK_POST_OUTPUT": "https://api.runpod.ai/v2/x/job-done",
+            "MAX_CONCURRENCY": "1",
             **BUCKET,
         }
     )
@@ -44,6 +46,7 @@ def test_every_variable_is_read():
     assert settings.bucket_endpoint_url == BUCKET["BUCKET_ENDPOINT_URL"]
     assert (settings.bucket_region, settings.bucket_addressing_style) == ("eu-west-1", "virtual")
     assert settings.report_progress
+    assert settings.max_concurrency == 1
 
 
 def test_blank_values_mean_default():
@@ -61,6 +64,11 @@ def test_blank_values_mean_default():
         ({"BUCKET_NAME": "Bad_Name!"}, "BUCKET_NAME"),
         ({"BUCKET_ADDRESSING_STYLE": "dns"}, "BUCKET_ADDRESSING_STYLE"),
         ({"ZIMAGE_ACCELERATION": "int4"}, "ZIMAGE_ACCELERATION"),
+        ({"MAX_CONCURRENCY": "0"}, "MAX_CONCURRENCY"),
+        ({"MAX_CONCURRENCY": "9"}, "MAX_CONCURRENCY"),
+        ({"MAX_CONCURRENCY": "2.5"}, "MAX_CONCURRENCY"),
+        ({"MAX_CONCURRENCY": "-1"}, "MAX_CONCURRENCY"),
+        ({"MAX_CONCURRENCY": "two"}, "MAX_CONCURRENCY"),
         ({**BUCKET, "BUCKET_ENDPOINT_URL": "not a url"}, "BUCKET_ENDPOINT_URL"),
         ({**BUCKET, "BUCKET_ENDPOINT_URL": "ftp://host"}, "BUCKET_ENDPOINT_URL"),
         ({**BUCKET, "BUCKET_ENDPOINT_URL": "https://user:pw@host"}, "BUCKET_ENDPOINT_URL"),

@@ -25,7 +25,7 @@ from src.model_files import SearchRoots, missing_pipeline_files
 from src.request import parse_request
 from src.settings import Settings
 from tests import test_builder
-from tests.conftest import ROOT, decode_data_uri
+from tests.conftest import ROOT, decode_data_uri, handle_job
 
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 HUB = json.loads((ROOT / ".runpod/hub.json").read_text())
@@ -239,6 +239,7 @@ def test_hub_env_covers_every_documented_setting_and_only_settings_the_worker_re
         "BUCKET_SECRET_ACCESS_KEY",
         "BUCKET_NAME",
         "PRICE_PER_IMAGE_USD",
+        "MAX_CONCURRENCY",
     }
     assert documented <= set(keys)
     settings_source = (ROOT / "src/settings.py").read_text()
@@ -294,7 +295,9 @@ def test_hub_test_input_is_a_valid_request(test):
 def test_hub_test_succeeds_on_the_worker(test, worker):
     """The real worker on the tiny model: what the Hub checks (a completed job), minus the GPU."""
     # Fewer steps than the request's 8 keep this at a few seconds on a CPU; everything else is as sent.
-    output = worker.handle({"id": f"hub-{test['name']}", "input": test["input"] | {"num_inference_steps": 2}})
+    output = handle_job(
+        worker, {"id": f"hub-{test['name']}", "input": test["input"] | {"num_inference_steps": 2}}
+    )
     assert "error" not in output, output
     image = decode_data_uri(output["image_url"])
     request = parse_request(test["input"])

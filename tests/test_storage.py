@@ -13,6 +13,7 @@ moto server that enforces IAM credentials.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -20,10 +21,8 @@ import io
 import json
 import logging
 import re
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -34,7 +33,6 @@ from urllib.parse import parse_qsl, quote, urlsplit
 import boto3
 import pytest
 import requests
-from botocore.config import Config
 from PIL import Image
 
 from src.errors import JobError
@@ -42,147 +40,18 @@ from src.output_image import encode_image
 from src.settings import Settings
 from src.storage import PRESIGN_SECONDS, Storage, addressing_for, region_for
 from src.worker import Worker
-from tests.conftest import ROOT, free_port, local_api, png_bytes, wait_for_http, worker_env
+from tests.conftest import (
+    ROOT,
+    handle_job,
+    local_api,
+    png_bytes,
+    run_input,
+    worker_env,
+)
+from tests.loopback_servers import BUCKET, KEY_ID, SECRET, MotoServer, StoreProxy
 
-KEY_ID = "AKIASTORAGETEST00001"
-SECRET = "storage-test-secret-7Qz9vX2m"
-BUCKET = "zimage-test"
 MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 SMALL = {"size": "512*512", "num_inference_steps": 1}
-
-
-# --------------------------------------------------------------------------- servers
-class MotoServer:
-    """moto's S3 server as a subprocess on a loopback port; `stop` and `start` keep the port."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen | None = None
-        self.start()
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            wait_for_http(f"{self.url}/moto-api/", self.process, seconds=30)
-        except RuntimeError as err:
-            self.stop()
-            raise RuntimeError(f"moto server: {err}") from None
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-
-    def client(self, service: str = "s3", key_id: str = KEY_ID, secret: str = SECRET):
-        return boto3.client(
-            service,
-            endpoint_url=self.url,
-            region_name="us-east-1",
-            aws_access_key_id=key_id,
-            aws_secret_access_key=secret,
-            config=Config(retries={"max_attempts": 1}),
-        )
-
-    def make_bucket(self, name: str = BUCKET) -> None:
-        self.client().create_bucket(Bucket=name)
-
-    def keys(self, prefix: str, bucket: str = BUCKET) -> list[str]:
-        listing = self.client().list_objects_v2(Bucket=bucket, Prefix=prefix)
-        return sorted(item["Key"] for item in listing.get("Contents", []))
-
-
-REQUEST_START = re.compile(rb"^(GET|PUT|POST|HEAD|DELETE) /")
-
-
-class StoreProxy:
-    """A TCP proxy in front of the store that can slow, cut off or swallow requests.
-
-    It records the head (request line and headers) of every request, and how many were
-    waiting for their response at the same time.
-    """
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream = ("127.0.0.1", upstream_port)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-        self.delay = 0.0  # seconds each response is held back
-        self.puts_allowed: int | None = None  # later PUTs have their connection cut
-        self.swallow = False  # read requests, never answer
-        self.heads: list[str] = []
-        self.in_flight = self.max_in_flight = 0
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def close(self) -> None:
-        self.listener.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
-
-    def _serve(self, client: socket.socket) -> None:
-        if self.swallow:
-            with client:
-                try:
-                    while client.recv(65536):
-                        pass
-                except OSError:
-                    pass
-            return
-        upstream = socket.create_connection(self.upstream)
-        answered = threading.Event()
-        threading.Thread(target=self._down, args=(upstream, client, answered), daemon=True).start()
-        try:
-            while data := client.recv(65536):
-                if REQUEST_START.match(data):
-                    head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1")
-                    with self.lock:
-                        self.heads.append(head)
-                        puts = sum(h.startswith("PUT ") for h in self.heads)
-                        if (
-                            head.startswith("PUT ")
-                            and self.puts_allowed is not None
-                            and puts > self.puts_allowed
-                        ):
-                            break
-                        self.in_flight += 1
-                        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-                    answered.clear()
-                upstream.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (client, upstream):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                sock.close()
-
-    def _down(self, upstream: socket.socket, client: socket.socket, answered: threading.Event) -> None:
-        try:
-            while data := upstream.recv(65536):
-                if not answered.is_set():
-                    time.sleep(self.delay)
-                    with self.lock:
-                        self.in_flight -= 1
-                    answered.set()
-                client.sendall(data)
-        except OSError:
-            pass
 
 
 # -------------------------------------------------------------------------- fixtures
@@ -234,7 +103,7 @@ def same_worker_with(base: Worker, settings: Settings) -> Worker:
 
 
 def job(worker: Worker, job_id: str, **fields) -> dict:
-    return worker.handle({"id": job_id, "input": {"prompt": "a red kite over hills", **SMALL, **fields}})
+    return handle_job(worker, {"id": job_id, "input": {"prompt": "a red kite over hills", **SMALL, **fields}})
 
 
 def key_of(url: str) -> str:
@@ -389,7 +258,7 @@ def test_store_stopped_mid_job_fails_it_cleanly_and_the_worker_serves_the_next(
     started = time.monotonic()
     request = {"prompt": "a boat", **SMALL, "num_inference_steps": 2}
     with pytest.raises(JobError) as failed:
-        worker.run("mid-run", request, on_step=stop_store)
+        run_input(worker, "mid-run", request, on_step=stop_store)
     message = str(failed.value)
     assert message.startswith(
         f"upload: storing 1 of 1 image(s) in bucket '{BUCKET}' at 127.0.0.1:{own_s3.port}"
@@ -430,6 +299,26 @@ def test_a_partly_stored_job_fails_and_leaves_nothing_behind(tiny_model, s3, pro
     assert str(failed.value).startswith("upload: storing 2 of 3 image(s)")
     assert any(head.startswith("DELETE ") for head in proxy.heads)
     assert s3.keys("partial-job/") == []
+
+
+def test_a_job_stopped_during_its_upload_leaves_nothing_in_the_bucket(tiny_model, store_worker, s3, proxy):
+    """The platform stops the job while its images go up: they are removed, no link is made."""
+    worker = same_worker_with(store_worker, bucket_settings(tiny_model, proxy.url))
+    proxy.delay = 1.0  # each response held back, so the stop lands mid-upload
+
+    async def stop_mid_upload() -> None:
+        task = asyncio.create_task(
+            worker.run("stopped-upload", {"prompt": "a mill", **SMALL, "num_images": 2})
+        )
+        while not any(head.startswith("PUT ") for head in proxy.heads):
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(stop_mid_upload())
+    assert sum(head.startswith("PUT ") for head in proxy.heads) == 2
+    assert s3.keys("stopped-upload/") == []
 
 
 def test_a_store_that_never_answers_fails_within_the_timeouts(tiny_model, s3, proxy, monkeypatch):

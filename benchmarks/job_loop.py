@@ -1,0 +1,145 @@
+"""The deployed loop's throughput: jobs/s and how busy the GPU stage is, with a backlog.
+
+    python benchmarks/job_loop.py            # every variant; writes benchmarks/results/job_loop.md
+    python benchmarks/job_loop.py --quick    # this worker's loop at MAX_CONCURRENCY 2 only
+
+`python handler.py` runs as deployed, against the loopback stand-in for Runpod's queue in
+tests/loopback_servers.py, with a backlog of 512*512 jobs. Each variant is one of:
+- loop: this worker's (src/job_loop.py) or the SDK's stock `JobScaler`
+  (benchmarks/stock_loop_worker.py), both with the same async handler;
+- MAX_CONCURRENCY 1 or 2;
+- delivery: data URIs, or a loopback S3 store (moto) behind a proxy that holds every
+  response back 200 ms, like a distant bucket.
+
+busy = the sum of the jobs' GPU stages (encode_prompt, denoise, decode, safety, from their
+own `timings`) over the wall time from the first job taken to the last result received.
+On a CPU the "GPU" stage shares the cores with encoding and uploads, so its stages run
+slower when they overlap; jobs/s is the figure that counts there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from builder.tiny_model import build_tiny_zimage  # noqa: E402
+from tests.conftest import worker_env  # noqa: E402
+from tests.loopback_servers import BUCKET, KEY_ID, SECRET, JobQueue, MotoServer, StoreProxy  # noqa: E402
+
+GPU_STAGES = ("encode_prompt", "denoise", "decode", "safety")
+SCRIPTS = {"this worker's": "handler.py", "SDK stock": "benchmarks/stock_loop_worker.py"}
+UPLOAD_DELAY_S = 0.2
+
+
+def measure(model: Path, loop: str, concurrency: int, store_url: str | None, jobs: int, logs: Path) -> dict:
+    backlog = [
+        {
+            "id": f"bench-{i}",
+            "input": {"prompt": f"a harbour at dawn, take {i}", "size": "512*512", "seed": i},
+        }
+        for i in range(jobs)
+    ]
+    queue = JobQueue(backlog)
+    env = worker_env(model, **queue.env(), MAX_CONCURRENCY=str(concurrency))
+    if store_url:
+        env.update(
+            BUCKET_ENDPOINT_URL=store_url,
+            BUCKET_ACCESS_KEY_ID=KEY_ID,
+            BUCKET_SECRET_ACCESS_KEY=SECRET,
+            BUCKET_NAME=BUCKET,
+        )
+    log = logs / f"{loop.split()[0]}-{concurrency}-{'store' if store_url else 'uri'}.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, SCRIPTS[loop]], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+        try:
+            done = queue.wait_for([job["id"] for job in backlog], 300)
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+            queue.close()
+    if not done:
+        raise RuntimeError(f"{loop} loop, {concurrency} slot(s): not every job finished; see {log}")
+    failed = [job_id for job_id, result in queue.results.items() if "output" not in result]
+    if failed:
+        raise RuntimeError(f"jobs failed: {failed}; see {log}")
+    wall = max(queue.finished.values()) - min(queue.taken.values())
+    busy = sum(sum(r["output"]["timings"][k] for k in GPU_STAGES) for r in queue.results.values()) / 1000
+    return {
+        "loop": loop,
+        "max_concurrency": concurrency,
+        "delivery": f"S3, +{UPLOAD_DELAY_S * 1000:.0f} ms a request" if store_url else "data URI",
+        "jobs": jobs,
+        "wall_s": round(wall, 2),
+        "jobs_per_s": round(jobs / wall, 2),
+        "gpu_busy_pct": round(100 * busy / wall, 1),
+    }
+
+
+def markdown(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "| " + " | ".join("---" for _ in keys) + " |"]
+    lines += ["| " + " | ".join(str(row[k]) for k in keys) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="this worker's loop, MAX_CONCURRENCY 2, data URIs"
+    )
+    parser.add_argument("--jobs", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/job_loop.md")
+    parser.add_argument("--model", type=Path, help="a model folder (default: a tiny random one)")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="zimage-loop-") as tmp:
+        model = args.model or build_tiny_zimage(Path(tmp) / "tiny-zimage")
+        store = MotoServer()
+        store.make_bucket()
+        proxy = StoreProxy(store.port)
+        proxy.delay = UPLOAD_DELAY_S
+        variants = [("this worker's", 2, None)]
+        if not args.quick:
+            variants = [
+                (loop, concurrency, url)
+                for url in (None, proxy.url)
+                for loop in SCRIPTS
+                for concurrency in (1, 2)
+            ]
+        rows = []
+        try:
+            for loop, concurrency, url in variants:
+                rows.append(measure(model, loop, concurrency, url, args.jobs, Path(tmp)))
+                print(json.dumps(rows[-1]), flush=True)
+        finally:
+            proxy.close()
+            store.stop()
+
+    header = [
+        "# The deployed loop with a backlog",
+        "",
+        f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+        f"- machine: {platform.machine()} CPU, {os.cpu_count()} cores, Python {platform.python_version()}",
+        f"- model: {args.model or 'tiny random model (CPU)'}; {args.jobs} jobs of 512*512, 8 steps, PNG",
+        "- command: `python benchmarks/job_loop.py" + (" --quick`" if args.quick else "`"),
+        "",
+    ]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(header) + markdown(rows) + "\n")
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()

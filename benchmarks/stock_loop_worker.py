@@ -1,0 +1,23 @@
+"""`handler.py` in the Runpod SDK's stock job loop, for comparison (benchmarks/job_loop.py).
+
+The same async handler and `concurrency_modifier`, without src/job_loop.py's scaler: what
+`runpod.serverless.start` alone does with this worker.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import runpod  # noqa: E402
+
+import handler  # noqa: E402
+
+
+def stock_serve(handle, max_concurrency: int, stop_taking_jobs) -> None:
+    runpod.serverless.start({"handler": handle, "concurrency_modifier": lambda current: max_concurrency})
+
+
+if __name__ == "__main__":
+    handler.serve = stock_serve
+    handler.main()

@@ -1,0 +1,183 @@
+"""The deployed path: `python handler.py` with no flags, in the Runpod SDK's job loop.
+
+A loopback stand-in for Runpod's job queue (tests/loopback_servers.py) hands out jobs the
+way runpod 1.12's worker takes them (job-take, batch take, the stop channel, result and
+progress posts, heartbeats). The SDK's own start-up checks, which would reach a public
+DNS server, are switched off with RUNPOD_SKIP_AUTO_SYSTEM_CHECKS and RUNPOD_SKIP_GPU_CHECK,
+so nothing here leaves 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from tests.conftest import Route, png_bytes, worker_env
+from tests.fault_worker import FAULT_PROMPT
+from tests.loopback_servers import BUCKET, KEY_ID, SECRET, JobQueue, MotoServer, deployed_worker
+
+START_SECONDS = 120  # imports and the tiny model's load, on a busy 2-core machine
+
+
+def text_job(i: int, **fields: object) -> dict:
+    return {
+        "id": f"job-{i}",
+        "input": {"prompt": f"a harbour at dawn, take {i}", "size": "512*512", "seed": i, **fields},
+    }
+
+
+@contextmanager
+def deployed(queue: JobQueue, model: Path, log: Path, script: str = "handler.py", **env: str) -> Iterator:
+    process = deployed_worker(
+        worker_env(model, **queue.env(), RUNPOD_PING_INTERVAL="1000", **env), log, script
+    )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+
+
+def backlog() -> list[dict]:
+    # Different step counts, so each job's progress updates show whose they are.
+    jobs = [text_job(i, num_inference_steps=1 + i % 3) for i in range(12)]
+    jobs.insert(5, {"id": "bad", "input": {"prompt": "a", "size": "1000*1000"}})
+    return jobs
+
+
+def serve_backlog(tiny_model: Path, log: Path, concurrency: str) -> JobQueue:
+    queue = JobQueue(backlog())
+    ids = [job["id"] for job in queue.backlog]
+    with deployed(queue, tiny_model, log, MAX_CONCURRENCY=concurrency):
+        assert queue.wait_for(ids, START_SECONDS + 120), log.read_text()[-3000:]
+        time.sleep(1.5)  # a heartbeat or two at the 1 s interval
+    queue.close()
+    return queue
+
+
+def test_a_backlog_is_served_in_order_with_the_bytes_of_one_job_at_a_time(tiny_model, tmp_path):
+    two = serve_backlog(tiny_model, tmp_path / "two.log", "2")
+    one = serve_backlog(tiny_model, tmp_path / "one.log", "1")
+
+    for queue in (one, two):
+        assert queue.backlog == []
+        assert queue.results["bad"]["error"].startswith("size: '1000*1000' is not allowed")
+        for i in range(12):
+            result = queue.results[f"job-{i}"]
+            assert "error" not in result, result
+            steps = 1 + i % 3
+            assert [p["step"] for p in queue.progress[f"job-{i}"]] == list(range(1, steps + 1))
+            assert {p["steps"] for p in queue.progress[f"job-{i}"]} == {steps}
+        assert queue.pings >= 1
+        assert all("job_in_progress=" in url for url in queue.take_requests)
+
+    strip = {"timings"}
+    for job_id in one.results:
+        a = {k: v for k, v in one.results[job_id].get("output", {}).items() if k not in strip}
+        b = {k: v for k, v in two.results[job_id].get("output", {}).items() if k not in strip}
+        assert a == b, job_id
+    # Host memory stays bounded: never more jobs taken and unfinished than slots.
+    for queue, slots in ((one, 1), (two, 2)):
+        assert max(in_flight(queue, t) for t in queue.taken.values()) <= slots
+    assert max(in_flight(two, t) for t in two.taken.values()) == 2  # and both slots were used
+    # With two slots the SDK asks for jobs two at a time; with one, singly.
+    assert any("/job-take-batch/" in url for url in two.take_requests)
+    assert not any("/job-take-batch/" in url for url in one.take_requests)
+
+
+def in_flight(queue: JobQueue, moment: float) -> int:
+    return sum(queue.taken[j] <= moment < queue.finished[j] for j in queue.taken)
+
+
+def test_a_slow_image_host_does_not_hold_the_gpu(tiny_model, tmp_path, image_server):
+    # About 6 s to trickle the input image; text-to-image jobs run meanwhile.
+    body = png_bytes((200, 150), (90, 20, 160))
+    image_server.routes["/slow.png"] = Route(body, delay=6.0 / max(1, len(body) // 1024))
+    queue = JobQueue(
+        [
+            {"id": "slow-i2i", "input": {**text_job(0)["input"], "image": f"{image_server.url}/slow.png"}},
+            *[text_job(i) for i in range(1, 7)],
+        ]
+    )
+    log = tmp_path / "worker.log"
+    with deployed(queue, tiny_model, log, RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS="1"):
+        assert queue.wait_for(["slow-i2i"] + [f"job-{i}" for i in range(1, 7)], START_SECONDS + 60), (
+            log.read_text()[-3000:]
+        )
+    queue.close()
+    assert "error" not in queue.results["slow-i2i"], queue.results["slow-i2i"]
+    before = [i for i in range(1, 7) if queue.finished[f"job-{i}"] < queue.finished["slow-i2i"]]
+    assert len(before) >= 3, before  # served by the other slot while the slow one fetched
+
+
+def test_a_job_stopped_while_it_runs_frees_the_gpu_and_uploads_nothing(tiny_model, tmp_path):
+    store = MotoServer()
+    store.make_bucket()
+    bucket = {
+        "BUCKET_ENDPOINT_URL": store.url,
+        "BUCKET_ACCESS_KEY_ID": KEY_ID,
+        "BUCKET_SECRET_ACCESS_KEY": SECRET,
+        "BUCKET_NAME": BUCKET,
+    }
+    long_job = text_job(1, size="1024*1024", num_inference_steps=50)
+    long_job["id"] = "long"
+    queue = JobQueue([long_job, text_job(2)])
+    log = tmp_path / "worker.log"
+    try:
+        with deployed(queue, tiny_model, log, **bucket):
+            assert queue.wait_for_progress("long", START_SECONDS), log.read_text()[-3000:]
+            queue.stop("long")
+            stopped = time.monotonic()
+            assert queue.wait_for(["job-2"], 60), log.read_text()[-3000:]
+            took = queue.finished["job-2"] - stopped
+            time.sleep(1.0)  # would a late result or upload of the stopped job still come?
+        assert "long" not in queue.results
+        assert len(queue.progress["long"]) < 50
+        assert took < 5.0, took
+        assert "error" not in queue.results["job-2"]
+        keys = store.keys("")
+        assert keys and all(key.startswith("job-2/") for key in keys), keys
+        assert "job long stopped by the platform" in log.read_text()
+    finally:
+        queue.close()
+        store.stop()
+
+
+def test_a_gpu_fault_asks_runpod_for_a_new_worker_and_takes_no_more_jobs(tiny_model, tmp_path):
+    queue = JobQueue(
+        [text_job(0), {"id": "fault", "input": {"prompt": FAULT_PROMPT, "size": "512*512"}}]
+        + [text_job(i) for i in range(1, 6)]
+    )
+    log = tmp_path / "worker.log"
+    with deployed(queue, tiny_model, log, "tests/fault_worker.py", MAX_CONCURRENCY="1") as process:
+        assert queue.wait_for(["job-0", "fault"], START_SECONDS + 60), log.read_text()[-3000:]
+        # The worker leaves by itself, after the job it was on, instead of failing every later job.
+        assert process.wait(timeout=60) == 0, log.read_text()[-3000:]
+    queue.close()
+    assert "error" not in queue.results["job-0"]
+    fault = queue.results["fault"]
+    assert fault["stopPod"] is True
+    assert fault["error"].startswith("GPU failure in job fault: this worker can no longer use its GPU")
+    assert len(queue.backlog) == 5  # left in the queue for a healthy worker
+    assert "Traceback" not in fault["error"] and "illegal memory access" in log.read_text()
+
+
+def test_the_sdk_still_builds_its_scaler_where_the_worker_installs_its_own():
+    """src/job_loop.py replaces `rp_scale.JobScaler` and two of its waits; a runpod upgrade that
+    moves either fails here, not silently in production."""
+    from runpod.serverless import worker as sdk_worker
+    from runpod.serverless.modules import rp_scale
+
+    assert "rp_scale.JobScaler(config)" in inspect.getsource(sdk_worker.run_worker)
+    taking = inspect.getsource(rp_scale.JobScaler.get_jobs)
+    assert "await self.set_scale()" in taking and "await asyncio.sleep(1)" in taking
+    assert "jobs_queue.get()" in inspect.getsource(rp_scale.JobScaler.run_jobs)
