@@ -11,6 +11,7 @@ tests/loopback_servers.py, with a backlog of 512*512 jobs. Each variant is one o
 - delivery: data URIs, or a loopback S3 store (moto) behind a proxy that holds every
   response back 200 ms, like a distant bucket.
 
+job latency = from a job taken to its result posted (what a caller waits on top of the queue).
 busy = the sum of the jobs' GPU stages (encode_prompt, denoise, decode, safety, from their
 own `timings`) over the wall time from the first job taken to the last result received.
 On a CPU the "GPU" stage shares the cores with encoding and uploads, so its stages run
@@ -23,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -84,6 +86,10 @@ def measure(model: Path, loop: str, concurrency: int, store_url: str | None, job
         "wall_s": round(wall, 2),
         "jobs_per_s": round(jobs / wall, 2),
         "gpu_busy_pct": round(100 * busy / wall, 1),
+        # From taken to result: with 2 slots a job also waits for the one ahead of it on the GPU.
+        "job_latency_median_s": round(
+            statistics.median(queue.finished[j] - queue.taken[j] for j in queue.taken), 2
+        ),
     }
 
 
@@ -134,6 +140,7 @@ def main() -> None:
         f"- machine: {platform.machine()} CPU, {os.cpu_count()} cores, Python {platform.python_version()}",
         f"- model: {args.model or 'tiny random model (CPU)'}; {args.jobs} jobs of 512*512, 8 steps, PNG",
         "- command: `python benchmarks/job_loop.py" + (" --quick`" if args.quick else "`"),
+        "",
         "",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
