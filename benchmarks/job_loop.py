@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from builder.tiny_model import build_tiny_zimage  # noqa: E402
-from tests.conftest import worker_env  # noqa: E402
+from tests.conftest import end_process, worker_env  # noqa: E402
 from tests.loopback_servers import BUCKET, KEY_ID, SECRET, JobQueue, MotoServer, StoreProxy  # noqa: E402
 
 GPU_STAGES = ("encode_prompt", "denoise", "decode", "safety")
@@ -68,8 +68,7 @@ def measure(model: Path, loop: str, concurrency: int, store_url: str | None, job
         try:
             done = queue.wait_for([job["id"] for job in backlog], 300)
         finally:
-            process.terminate()
-            process.wait(timeout=60)
+            end_process(process, seconds=60)
             queue.close()
     if not done:
         raise RuntimeError(f"{loop} loop, {concurrency} slot(s): not every job finished; see {log}")

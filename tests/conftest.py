@@ -168,6 +168,17 @@ def worker_env(model: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def end_process(process: subprocess.Popen, seconds: float = 20) -> None:
+    """SIGTERM, as Runpod stops a worker; SIGKILL if it has not gone after `seconds`."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
 def wait_for_http(url: str, process: subprocess.Popen, seconds: float) -> None:
     """Poll `url` until it answers; RuntimeError if the process exits or time runs out."""
     deadline = time.monotonic() + seconds
@@ -241,12 +252,7 @@ class LocalAPI:
         return self.log_path.read_text(errors="replace")
 
     def close(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        end_process(self.process)
         self.log_file.close()
 
 

@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 import boto3
 from botocore.config import Config
 
-from tests.conftest import ROOT, free_port, wait_for_http
+from tests.conftest import ROOT, end_process, free_port, wait_for_http
 
 KEY_ID = "AKIASTORAGETEST00001"
 SECRET = "storage-test-secret-7Qz9vX2m"
@@ -49,13 +49,8 @@ class MotoServer:
             raise RuntimeError(f"moto server: {err}") from None
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        if self.process is not None:
+            end_process(self.process, seconds=10)
 
     def client(self, service: str = "s3", key_id: str = KEY_ID, secret: str = SECRET):
         return boto3.client(

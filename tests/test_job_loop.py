@@ -10,13 +10,12 @@ so nothing here leaves 127.0.0.1.
 from __future__ import annotations
 
 import inspect
-import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.conftest import Route, png_bytes, worker_env
+from tests.conftest import Route, end_process, png_bytes, worker_env
 from tests.fault_worker import FAULT_PROMPT
 from tests.loopback_servers import BUCKET, KEY_ID, SECRET, JobQueue, MotoServer, deployed_worker
 
@@ -38,13 +37,7 @@ def deployed(queue: JobQueue, model: Path, log: Path, script: str = "handler.py"
     try:
         yield process
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+        end_process(process, seconds=30)
 
 
 def backlog() -> list[dict]:
