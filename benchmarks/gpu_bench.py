@@ -48,7 +48,7 @@ BOXES = {
     "modes": 40,  # image-to-image, num_images 4, the newer modes that exist
     "job_loop": 25,  # benchmarks/job_loop.py --quick, where it exists (it loads the model too)
 }
-MIN_BOX_S = 5
+MIN_BOX_S = 2
 
 
 @dataclass(frozen=True)
