@@ -40,13 +40,13 @@ BUDGET_S = 480
 # (boxes add up to 470 s: 10 s stay for the wheel install before them).
 BOXES = {
     "machine": 15,  # nvidia-smi, one matrix product, the import of every pinned package
-    "load": 130,  # build 10B random bf16 params, save ~20 GB, a fresh process loads it
+    "load": 150,  # build 10B random bf16 params, save ~20 GB (the least known cost), reload it
     "text_to_image": 70,  # 4 sizes x 6 worker jobs, and as many bare diffusers calls
     "attention": 50,  # each installed backend, guidance 0 and > 0, 3 jobs each
     "fp8": 40,  # load, quantize, 6 jobs
-    "compile": 100,  # load, regional compile warmed over every preset size, 6 jobs
-    "modes": 45,  # text-to-image for reference, image-to-image, num_images 4, the newer modes
-    "job_loop": 20,  # benchmarks/job_loop.py --quick, where it exists (it loads the model too)
+    "compile": 90,  # load, regional compile warmed over every preset size, 6 jobs
+    "modes": 40,  # text-to-image for reference, image-to-image, num_images 4, the newer modes
+    "job_loop": 15,  # benchmarks/job_loop.py --quick, where it exists (it loads the model too)
 }
 MIN_BOX_S = 2
 
