@@ -61,6 +61,9 @@ NOT_MEASURED = {
     "flex": "a reference implementation unless compiled; not a serving option as the worker runs it",
 }
 GUIDANCE = 3.5
+# One event loop for every job: an async worker's locks and queues belong to the loop they
+# were first used in, so a new loop per job (asyncio.run) would break the second job.
+LOOP = asyncio.new_event_loop()
 
 
 class WorkerLog(logging.Handler):
@@ -94,7 +97,7 @@ def handle(worker: Worker, job_input: dict[str, Any]) -> dict[str, Any]:
     """One job as the platform sends it; `handle` may be a coroutine function or a plain one."""
     WORKER_LOG.last_error = None
     out = worker.handle({"id": "bench-1", "input": job_input})
-    out = asyncio.run(out) if inspect.isawaitable(out) else out
+    out = LOOP.run_until_complete(out) if inspect.isawaitable(out) else out
     if "error" in out:  # the logged cause says more than "internal error in job ..."
         raise RuntimeError(WORKER_LOG.last_error or out["error"])
     return out

@@ -7,6 +7,7 @@ made to hang, and the report is built from what that run wrote.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 import json
 import os
@@ -147,3 +148,26 @@ def test_report_keeps_a_cut_run_and_appends_where_no_markers_are():
     assert "NVIDIA H200, 139.8 GiB, driver 580" in section
     assert "Still running, or killed with the run" in section and "| 1024*1024 | 700.0 |" in section
     assert replace_section("# Benchmarks\n", section) == "# Benchmarks\n\n" + section + "\n"
+
+
+def test_jobs_run_through_a_plain_or_a_coroutine_handle():
+    """Worker.handle is becoming async: both forms work, and an async worker's lock survives jobs."""
+    from benchmarks.gpu_sections import handle
+
+    class AsyncWorker:  # the shape only: handle awaits a lock made in the loop of the first job
+        lock: asyncio.Lock | None = None
+
+        async def handle(self, job: dict) -> dict:
+            self.lock = self.lock or asyncio.Lock()
+            async with self.lock:
+                return {"error": "bad"} if job["input"].get("fail") else {"timings": {"total": 1.0}}
+
+    class PlainWorker:
+        def handle(self, job: dict) -> dict:
+            return {"timings": {"total": 2.0}}
+
+    worker = AsyncWorker()
+    assert [handle(worker, {"prompt": p})["timings"]["total"] for p in "ab"] == [1.0, 1.0]
+    assert handle(PlainWorker(), {"prompt": "a"})["timings"]["total"] == 2.0
+    with pytest.raises(RuntimeError, match="bad"):
+        handle(worker, {"prompt": "a", "fail": True})
