@@ -111,12 +111,13 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="zimage-loop-") as tmp:
         model = args.model or build_tiny_zimage(Path(tmp) / "tiny-zimage")
-        store = MotoServer()
-        store.make_bucket()
-        proxy = StoreProxy(store.port)
-        proxy.delay = UPLOAD_DELAY_S
         variants = [("this worker's", 2, None)]
-        if not args.quick:
+        store = proxy = None
+        if not args.quick:  # --quick needs no S3 server (moto is a test dependency only)
+            store = MotoServer()
+            store.make_bucket()
+            proxy = StoreProxy(store.port)
+            proxy.delay = UPLOAD_DELAY_S
             variants = [
                 (loop, concurrency, url)
                 for url in (None, proxy.url)
@@ -129,8 +130,9 @@ def main() -> None:
                 rows.append(measure(model, loop, concurrency, url, args.jobs, Path(tmp)))
                 print(json.dumps(rows[-1]), flush=True)
         finally:
-            proxy.close()
-            store.stop()
+            if store is not None:
+                proxy.close()
+                store.stop()
 
     header = [
         "# The deployed loop with a backlog",

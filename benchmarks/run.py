@@ -38,6 +38,7 @@ import transformers  # noqa: E402
 from diffusers import ZImagePipeline  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from benchmarks.gpu_report import END, START, replace_section  # noqa: E402
 from builder.tiny_model import build_tiny_zimage, tiny_tokenizer  # noqa: E402
 from src.output_image import encode_image, fast_png  # noqa: E402
 from src.pipeline import ZImageGenerator, pick_device  # noqa: E402
@@ -231,7 +232,23 @@ def write_report(path: Path, sections: list[str]) -> None:
         "- command: `python benchmarks/run.py` (medians, milliseconds unless stated)",
         "",
     ]
-    path.write_text("\n".join(header + sections) + "\n")
+    text = "\n".join(header + sections) + "\n"
+    old = path.read_text() if path.exists() else ""
+    if START in old and END in old:  # GPU figures from benchmarks/gpu_report.py outlive a CPU run
+        text = replace_section(text, START + old.split(START, 1)[1].split(END, 1)[0] + END)
+    path.write_text(text + other_benchmarks(old))
+
+
+def other_benchmarks(old: str) -> str:
+    """Sections that other benchmark scripts wrote, each between `<!-- name:start/end -->`
+    markers (the deployed loop, inpainting, LoRAs): kept as they were by a rerun of this one."""
+    blocks = re.findall(r"<!-- ([\w-]+):start -->.*?<!-- \1:end -->", old, flags=re.S)
+    kept = [
+        re.search(rf"<!-- {name}:start -->.*?<!-- {name}:end -->", old, flags=re.S)[0]
+        for name in blocks
+        if f"<!-- {name}:start -->" != START
+    ]
+    return "".join(f"\n{block}\n" for block in kept)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -309,6 +326,7 @@ def main() -> None:
     sections += ["## JPEG and WebP at quality 95", "", markdown(fmt_rows), ""]
     if device.type != "cuda":
         sections += [
+            START,
             "## GPU figures",
             "",
             "None here: this run had no GPU, and no GPU figure is written that was not measured. On a",
@@ -320,6 +338,8 @@ def main() -> None:
             "Other measured costs: the safety checker in `benchmarks/results/safety_cost.md`",
             "(`python benchmarks/safety_cost.py`); a 1024x1024 PNG upload to a loopback S3 server is",
             "about 10 ms (2.2 MB photo-like image, median of 30, `tests/test_storage.py`'s server).",
+            "`bash benchmarks/gpu.sh` measures every GPU figure in one 8-minute run (README, Performance).",
+            END,
             "",
         ]
     write_report(args.out, sections)

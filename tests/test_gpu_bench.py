@@ -1,0 +1,173 @@
+"""`bash benchmarks/gpu.sh`, proven on the CPU before a GPU runs it.
+
+--prepare fetches real wheels from PyPI (pip's cache makes a second run cheap); --tiny runs
+every section on the tiny model with short time boxes, one section made to fail and one
+made to hang, and the report is built from what that run wrote.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.gpu_bench import BOXES, RESULTS, TABLE
+from benchmarks.gpu_report import END, START, gpu_section, read_results, replace_section
+from benchmarks.gpu_wheels import ALSO, MAX_MIB, normalise, pinned, wheel_name_version
+from tests.conftest import ROOT
+
+
+def gpu_sh(*args: str, env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", "benchmarks/gpu.sh", *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHON": sys.executable, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_carried_pins_are_the_versions_the_tests_run_with():
+    for name, version in ALSO.items():
+        if name == "torchao":  # only the GPU machine's fp8 row uses it
+            continue
+        assert importlib.metadata.version(name) == version, name
+
+
+def test_prepare_fetches_one_linux_cp312_wheel_per_missing_package(tmp_path):
+    wheels = tmp_path / "wheels"
+    done = gpu_sh("--prepare", str(wheels), env={}, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    found = {wheel_name_version(path): path.name for path in wheels.glob("*.whl")}
+    assert set(found) == set(pinned().items())
+    for name in found.values():
+        python_tag, abi, platform = name.removesuffix(".whl").split("-")[-3:]
+        assert python_tag in ("py3", "cp312") or abi == "abi3", name
+        assert platform == "any" or "x86_64" in platform and "manylinux" in platform, name
+    total_mib = sum(path.stat().st_size for path in wheels.iterdir()) / 2**20
+    assert total_mib < MAX_MIB
+    assert f"{total_mib:.2f} MiB" in done.stdout
+
+    # On the GPU machine, only the packages it lacks are installed; here that is torchao alone.
+    site = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "benchmarks/gpu_wheels.py", "install", str(wheels), str(site)], cwd=ROOT, check=True
+    )
+    installed = {normalise(p.name.split("-")[0]) for p in site.glob("*.dist-info")}
+    assert installed == {"torchao"}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """One --tiny run: attention made to fail, machine made to hang past a 3 s box."""
+    out = tmp_path_factory.mktemp("gpu-bench-out")
+    env = {
+        "OUT": str(out),
+        "GPU_BENCH_WORK": str(tmp_path_factory.mktemp("gpu-bench-work")),
+        "GPU_BENCH_SIZES": "512*512",
+        "GPU_BENCH_RUNS": "1",
+        "GPU_BENCH_FAIL": "attention",
+        "GPU_BENCH_HANG": "machine",
+        "GPU_BENCH_BOXES": "machine=3",
+    }
+    done = gpu_sh("--tiny", env=env, timeout=480)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return out
+
+
+def test_every_section_ends_with_a_status_and_a_failure_stops_none_after_it(tiny_run):
+    rows = read_results(tiny_run / RESULTS)
+    status = {row["section"]: row for row in rows if "status" in row}
+    assert list(status) == list(BOXES)
+    assert status["machine"]["status"] == "timeout"
+    assert status["attention"]["status"] == "error"
+    assert "made to fail by GPU_BENCH_FAIL=attention" in status["attention"]["error"]
+    for name in set(BOXES) - {"machine", "attention"}:
+        assert status[name]["status"] == "ok", status[name]
+        assert any(row["section"] == name and "status" not in row for row in rows), f"{name}: no row"
+
+
+def test_sections_measure_what_they_name(tiny_run):
+    rows = [row for row in read_results(tiny_run / RESULTS) if "status" not in row]
+    by = {(row["section"], row.get("step") or row.get("mode") or row.get("variant") or row.get("size")): row
+          for row in rows}  # fmt: skip
+    assert by[("load", "cold_start")]["process_start_to_ready_s"] > 0
+    t2i = by[("text_to_image", "512*512")]
+    assert t2i["total_ms"] > t2i["denoise_ms"] > 0 and t2i["bare_diffusers_ms"] > 0
+    # On the CPU the worker declines both options, and says so; the pixels are bf16's own.
+    for variant in ("fp8", "compile"):
+        start = next(row for row in rows if row["section"] == variant and row.get("table") == "start")
+        assert start["applied"] is False and start["worker_start_s"] > 0
+        assert by[(variant, variant)]["psnr_vs_bf16_db_min"] == "identical"
+    assert by[("modes", "image_to_image")]["load_input_ms"] > 0
+    assert by[("modes", "num_images 4")]["per_image_ms"] > 0
+    for mode in ("inpainting", "lora activation", "control"):
+        row = by[("modes", mode)]
+        assert "skipped" in row or "total_ms" in row or "error" in row, row
+    loop = [row for row in rows if row["section"] == "job_loop"]
+    assert loop and ("skipped" in loop[0]) == (not (ROOT / "benchmarks" / "job_loop.py").exists())
+
+
+def test_table_and_report_from_the_tiny_run(tiny_run, tmp_path):
+    table = (tiny_run / TABLE).read_text()
+    for name in BOXES:
+        assert f"### {name}" in table
+    benchmarks = tmp_path / "BENCHMARKS.md"
+    original = (ROOT / "BENCHMARKS.md").read_text()
+    benchmarks.write_text(original)
+    command = [sys.executable, "benchmarks/gpu_report.py", str(tiny_run), "--benchmarks", str(benchmarks)]
+    subprocess.run(command, cwd=ROOT, check=True)
+    once = benchmarks.read_text()
+    assert once.split(START)[0] == original.split(START)[0]  # the CPU sections are untouched
+    assert once.count(START) == once.count(END) == 1
+    assert "tiny run" in once and "### text_to_image" in once and "made to fail" in once
+    subprocess.run(command, cwd=ROOT, check=True)
+    assert benchmarks.read_text() == once
+
+
+def test_report_keeps_a_cut_run_and_appends_where_no_markers_are():
+    rows = [
+        {"section": "run", "started_utc": "2026-01-01 00:00", "mode": "gpu", "budget_s": 480},
+        {
+            "section": "machine",
+            "device": "NVIDIA H200",
+            "memory_gib": 139.8,
+            "driver": "580",
+            "torch": "2.11",
+        },
+        {"section": "text_to_image", "size": "1024*1024", "total_ms": 700.0},  # killed before its status
+    ]
+    section = gpu_section(rows + [json.loads(json.dumps(rows[1]))])
+    assert "NVIDIA H200, 139.8 GiB, driver 580" in section
+    assert "Still running, or killed with the run" in section and "| 1024*1024 | 700.0 |" in section
+    assert replace_section("# Benchmarks\n", section) == "# Benchmarks\n\n" + section + "\n"
+
+
+def test_jobs_run_through_a_plain_or_a_coroutine_handle():
+    """Worker.handle is becoming async: both forms work, and an async worker's lock survives jobs."""
+    from benchmarks.gpu_sections import handle
+
+    class AsyncWorker:  # the shape only: handle awaits a lock made in the loop of the first job
+        lock: asyncio.Lock | None = None
+
+        async def handle(self, job: dict) -> dict:
+            self.lock = self.lock or asyncio.Lock()
+            async with self.lock:
+                return {"error": "bad"} if job["input"].get("fail") else {"timings": {"total": 1.0}}
+
+    class PlainWorker:
+        def handle(self, job: dict) -> dict:
+            return {"timings": {"total": 2.0}}
+
+    worker = AsyncWorker()
+    assert [handle(worker, {"prompt": p})["timings"]["total"] for p in "ab"] == [1.0, 1.0]
+    assert handle(PlainWorker(), {"prompt": "a"})["timings"]["total"] == 2.0
+    with pytest.raises(RuntimeError, match="bad"):
+        handle(worker, {"prompt": "a", "fail": True})
