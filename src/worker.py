@@ -21,8 +21,10 @@ import torch
 from PIL import Image
 
 from src.errors import JobError, error_output
-from src.input_image import load_image
+from src.inpaint import keeps_everything
+from src.input_image import load_inputs
 from src.model_files import SearchRoots, missing_classifier_files, missing_pipeline_files, resolve_model
+from src.modes import mode_of
 from src.output_image import data_uri, encode_image
 from src.pipeline import StepCallback, ZImageGenerator, load_pipeline, pick_device, to_pil
 from src.pricing import job_cost
@@ -108,7 +110,7 @@ class Worker:
         log.info(
             "job %s: %s, prompt %d chars sha256 %s, %s x%d, %d steps, seed %d",
             job_id,
-            "image-to-image" if request.image else "text-to-image",
+            mode_of(request).name,
             len(request.prompt),
             hashlib.sha256(request.prompt.encode()).hexdigest()[:12],
             request.size,
@@ -117,16 +119,16 @@ class Worker:
             seed,
         )
 
-        # 1. The input image, if any, fetched or decoded and fitted to the size.
-        init_image = load_image(request.image, request.width, request.height) if request.image else None
+        # 1. The input image and mask, if any, fetched or decoded and fitted to the size.
+        inputs = load_inputs(request)
         clock.lap("load_input")
 
-        # 2. Generate (strength 0 returns the fitted input untouched by the model).
-        if init_image is not None and request.strength == 0:
-            images = _as_tensor(init_image, self.generator.device).repeat(request.num_images, 1, 1, 1)
+        # 2. Generate (strength 0 or an all-black mask returns the fitted input untouched by the model).
+        if inputs.image is not None and (request.strength == 0 or keeps_everything(inputs.mask)):
+            images = _as_tensor(inputs.image, self.generator.device).repeat(request.num_images, 1, 1, 1)
             clock.lap("decode")  # the fitted input, as the tensor the checker reads
         else:
-            images = self.generator.generate(request, seed, clock, init_image, on_step)
+            images = self.generator.generate(request, seed, clock, inputs, on_step)
 
         # 3. Check every image in one batch; flagged ones are dropped before encoding.
         flags = [False] * request.num_images
