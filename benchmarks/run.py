@@ -311,8 +311,10 @@ def main() -> None:
             "add `--compile` to measure regional torch.compile.",
             "",
             "Other measured costs: the safety checker in `benchmarks/results/safety_cost.md`",
-            "(`python benchmarks/safety_cost.py`); a 1024x1024 PNG upload to a loopback S3 server is",
-            "about 10 ms (2.2 MB photo-like image, median of 30, `tests/test_storage.py`'s server).",
+            "(`python benchmarks/safety_cost.py`); inpainting against image-to-image in",
+            "`benchmarks/results/inpaint_cost.md` (`python benchmarks/inpaint_cost.py`); a 1024x1024",
+            "PNG upload to a loopback S3 server is about 10 ms (2.2 MB photo-like image, median of 30,",
+            "`tests/test_storage.py`'s server).",
             "",
         ]
     write_report(args.out, sections)
