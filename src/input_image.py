@@ -1,4 +1,6 @@
-"""Input images for image-to-image: decode a data URI, bare base64 or a public URL.
+"""Input pictures (`image`, `mask`): decode a data URI, bare base64 or a public URL.
+
+One loader serves every picture field of a request; `field` names it in every error.
 
 URLs go through the Runpod SDK's SSRF-safe `safe_get` (public addresses only, pinned
 connections, every redirect re-checked; `RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS=1` lifts the
@@ -17,6 +19,7 @@ import socket
 import threading
 import time
 import warnings
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from PIL import Image, ImageOps
@@ -24,6 +27,7 @@ from requests import RequestException, Response
 from runpod.serverless.utils.rp_ssrf import SSRFError, iter_content_capped, safe_get
 
 from src.errors import JobError
+from src.request import GenerateRequest
 
 MAX_BYTES = 32 * 1024 * 1024
 MAX_PIXELS = 40_000_000
@@ -37,43 +41,82 @@ DATA_URI = re.compile(r"data:image/[\w.+-]+;base64,", re.IGNORECASE)
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
-def load_image(value: str, width: int, height: int) -> Image.Image:
-    """The request's `image`, EXIF-rotated, RGB, covering (width, height) and centre-cropped."""
-    data = fetch_url(value) if value.lower().startswith(("http://", "https://")) else decode_base64(value)
-    return cover_crop(open_image(data), width, height)
+@dataclass(frozen=True)
+class Inputs:
+    """A job's input pictures, fitted to its size; None where the request has none."""
+
+    image: Image.Image | None = None
+    mask: Image.Image | None = None
 
 
-def decode_base64(value: str) -> bytes:
+def load_inputs(request: GenerateRequest) -> Inputs:
+    """Every picture the request carries, fetched or decoded and fitted to its size."""
+    if request.image is None:
+        return Inputs()
+    source = open_input(request.image, "image")
+    image = cover_crop(source, request.width, request.height)
+    mask = load_mask(request.mask, source.size, request.width, request.height) if request.mask else None
+    return Inputs(image, mask)
+
+
+def load_image(value: str, width: int, height: int, field: str = "image") -> Image.Image:
+    """A picture field, EXIF-rotated, RGB, covering (width, height) and centre-cropped."""
+    return cover_crop(open_input(value, field), width, height)
+
+
+def load_mask(value: str, image_size: tuple[int, int], width: int, height: int) -> Image.Image:
+    """The `mask`, EXIF-rotated and grayscale, fitted exactly as an image of `image_size` is.
+
+    It must have the input image's own size: a mask of another size cannot be aligned with
+    it without guessing, so it is refused rather than stretched.
+    """
+    mask = open_input(value, "mask").convert("L")
+    if mask.size != image_size:
+        raise JobError(
+            f"mask: {mask.width}x{mask.height} does not match the image's {image_size[0]}x{image_size[1]}: "
+            "send a mask of the input image's width and height (after EXIF rotation)"
+        )
+    return _fit(mask, width, height)
+
+
+def open_input(value: str, field: str) -> Image.Image:
+    """A picture field fetched or decoded, checked against the caps and EXIF-rotated."""
+    is_url = value.lower().startswith(("http://", "https://"))
+    data = fetch_url(value, field) if is_url else decode_base64(value, field)
+    return ImageOps.exif_transpose(open_image(data, field))
+
+
+def decode_base64(value: str, field: str = "image") -> bytes:
     match = DATA_URI.match(value)
     if match is None and value.lower().startswith("data:"):
-        raise JobError("image: a data URI must look like 'data:image/png;base64,...'")
+        raise JobError(f"{field}: a data URI must look like 'data:image/png;base64,...'")
     if match is None and "://" in value[:16]:
         scheme = value.split("://", 1)[0][:16]
         raise JobError(
-            f"image: the URL scheme {scheme!r} is not allowed: use http or https, a data URI or base64"
+            f"{field}: the URL scheme {scheme!r} is not allowed: use http or https, a data URI or base64"
         )
     payload = value[match.end() :] if match else value
     if len(payload) > MAX_BYTES * 4 // 3 + 8:
-        raise JobError(f"image: the base64 data is over the {MAX_BYTES // 2**20} MiB cap")
+        raise JobError(f"{field}: the base64 data is over the {MAX_BYTES // 2**20} MiB cap")
     try:
         return base64.b64decode("".join(payload.split()), validate=True)
     except (binascii.Error, ValueError):
         raise JobError(
-            "image: not valid base64 (send an http(s) URL, a data:image/...;base64, URI or plain base64)"
+            f"{field}: not valid base64 (send an http(s) URL, a data:image/...;base64, URI or plain base64)"
         ) from None
 
 
-def fetch_url(url: str) -> bytes:
+def fetch_url(url: str, field: str = "image") -> bytes:
     """Download within the size and time caps; every failure says which cap or step."""
     shown = _without_query(url)
     deadline = time.monotonic() + DOWNLOAD_SECONDS
-    too_slow = f"image: fetching {shown} took over {DOWNLOAD_SECONDS:g} s"
+    too_slow = f"{field}: fetching {shown} took over {DOWNLOAD_SECONDS:g} s"
     try:
         with safe_get(
             url, timeout=(5, 10), max_bytes=MAX_BYTES, headers={"User-Agent": USER_AGENT}
         ) as response:
             if response.status_code >= 400:
-                raise JobError(f"image: fetching {shown} failed with HTTP {response.status_code}")
+                raise JobError(f"{field}: fetching {shown} failed with HTTP {response.status_code}")
             # A chunk comes back only once 64 KiB have arrived, and a host that sends a byte every
             # few seconds never trips the read timeout: at the deadline the socket is shut instead.
             watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), _shut, args=(response,))
@@ -89,13 +132,13 @@ def fetch_url(url: str) -> bytes:
     except SSRFError as err:
         reason = _without_query(str(err))
         if "size cap" in reason:
-            raise JobError(f"image: {shown} is over the {MAX_BYTES // 2**20} MiB cap") from None
-        raise JobError(f"image: {shown} is refused: {reason}") from None
+            raise JobError(f"{field}: {shown} is over the {MAX_BYTES // 2**20} MiB cap") from None
+        raise JobError(f"{field}: {shown} is refused: {reason}") from None
     except RequestException as err:
         if time.monotonic() > deadline:
             raise JobError(too_slow) from None
         kind = "timed out" if "timeout" in type(err).__name__.lower() else "could not be fetched"
-        raise JobError(f"image: {shown} {kind} ({type(err).__name__})") from None
+        raise JobError(f"{field}: {shown} {kind} ({type(err).__name__})") from None
 
 
 def _shut(response: Response) -> None:
@@ -106,7 +149,7 @@ def _shut(response: Response) -> None:
             sock.shutdown(socket.SHUT_RDWR)
 
 
-def open_image(data: bytes) -> Image.Image:
+def open_image(data: bytes, field: str = "image") -> Image.Image:
     try:
         with warnings.catch_warnings():
             # Past MAX_IMAGE_PIXELS PIL only warns (it raises at twice that); the check below says more.
@@ -115,17 +158,18 @@ def open_image(data: bytes) -> Image.Image:
             pixels = image.width * image.height
             if pixels > MAX_PIXELS:
                 raise JobError(
-                    f"image: {image.width}x{image.height} is over the {MAX_PIXELS // 1_000_000} megapixel cap"
+                    f"{field}: {image.width}x{image.height} is over the "
+                    f"{MAX_PIXELS // 1_000_000} megapixel cap"
                 )
             image.load()
     except JobError:
         raise
     except Image.DecompressionBombError:
-        raise JobError(f"image: over the {MAX_PIXELS // 1_000_000} megapixel cap") from None
+        raise JobError(f"{field}: over the {MAX_PIXELS // 1_000_000} megapixel cap") from None
     except Image.UnidentifiedImageError:
-        raise JobError(f"image: not an image in a supported format ({', '.join(FORMATS)})") from None
+        raise JobError(f"{field}: not an image in a supported format ({', '.join(FORMATS)})") from None
     except (OSError, ValueError, SyntaxError) as err:
-        raise JobError(f"image: the image file is broken or truncated ({type(err).__name__})") from None
+        raise JobError(f"{field}: the image file is broken or truncated ({type(err).__name__})") from None
     return image
 
 
@@ -137,7 +181,12 @@ def cover_crop(image: Image.Image, width: int, height: int) -> Image.Image:
         flat = Image.new("RGB", rgba.size, (255, 255, 255))
         flat.paste(rgba, mask=rgba.getchannel("A"))
         image = flat
-    return ImageOps.fit(image.convert("RGB"), (width, height), method=Image.Resampling.LANCZOS)
+    return _fit(image.convert("RGB"), width, height)
+
+
+def _fit(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Cover and centre-crop: one call for image and mask, so the two stay aligned pixel for pixel."""
+    return ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS)
 
 
 def _without_query(text: str) -> str:

@@ -1,8 +1,8 @@
-"""Z-Image Turbo: load once, then text-to-image and image-to-image on one set of weights.
+"""Z-Image Turbo: load once, then every mode of src/modes.py on one set of weights.
 
 The diffusers pipelines do the work; this module calls them in three timed stages
 (prompt encoding, denoising to latents, VAE decode) so each stage is measured and the
-decoded images stay on the device for the safety checker.
+decoded images stay on the device for the mode's last step and the safety checker.
 """
 
 from __future__ import annotations
@@ -13,11 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from diffusers import ZImageImg2ImgPipeline, ZImagePipeline
+from diffusers import DiffusionPipeline, ZImagePipeline
 from PIL import Image
 from safetensors import SafetensorError
 
+from src.input_image import Inputs
 from src.model_files import ModelNotFound
+from src.modes import MODES, mode_of
+from src.pixels import to_bytes
 from src.prompts import PromptEncoder
 from src.request import PRESET_SIZES, GenerateRequest
 from src.timing import Stopwatch
@@ -60,10 +63,16 @@ class ZImageGenerator:
     def __init__(self, text_to_image: ZImagePipeline, device: torch.device) -> None:
         self.device = device
         self.text_to_image = text_to_image
-        # Built from the same component objects: no second copy of any weight, and no
-        # dtype change (`from_pipe` without an explicit dtype would cast them to fp32).
-        self.image_to_image = ZImageImg2ImgPipeline(**text_to_image.components)
-        for pipe in (self.text_to_image, self.image_to_image):
+        # Every other mode's pipeline is built from the same component objects: no second copy
+        # of any weight, and no dtype change (`from_pipe` without an explicit dtype would cast
+        # them to fp32).
+        self.pipelines: dict[str, DiffusionPipeline] = {
+            mode.name: text_to_image
+            if isinstance(text_to_image, mode.pipeline)
+            else mode.pipeline(**text_to_image.components)
+            for mode in MODES.values()
+        }
+        for pipe in self.pipelines.values():
             pipe.set_progress_bar_config(disable=True)
         self.prompts = PromptEncoder(text_to_image, device)
 
@@ -112,16 +121,22 @@ class ZImageGenerator:
         request: GenerateRequest,
         seed: int,
         clock: Stopwatch,
-        init_image: Image.Image | None = None,
+        inputs: Inputs | None = None,
         on_step: StepCallback | None = None,
     ) -> torch.Tensor:
-        """Decoded images in [0, 1], shape (n, 3, H, W), still on the device."""
+        """Decoded images in [0, 1], shape (n, 3, H, W), still on the device.
+
+        `inputs` holds the request's fitted pictures (input_image.load_inputs); the request's
+        mode (modes.mode_of) picks the pipeline, what it adds to the call and its last step.
+        """
         n = request.num_images
         # One generator per image, seeded seed + i: image i of a batch is the image a
         # single request with that seed makes.
         generators = [torch.Generator(self.device).manual_seed((seed + i) % 2**32) for i in range(n)]
         use_cfg = request.guidance_scale > 0
-        pipe = self.text_to_image if init_image is None else self.image_to_image
+        mode = mode_of(request)
+        pipe = self.pipelines[mode.name]
+        inputs = inputs or Inputs()
 
         # 1. Encode the prompt, and the negative prompt only when guidance uses it ("" when
         #    none is given, as diffusers does).
@@ -147,11 +162,7 @@ class ZImageGenerator:
             output_type="latent",
             callback_on_step_end=step_end,
         )
-        if init_image is not None:
-            # One copy of the input per image, so each is VAE-encoded with its own generator
-            # (as a single-image request with that seed would be).
-            kwargs.update(image=[init_image] * n, strength=request.strength)
-        latents = pipe(**kwargs).images
+        latents = pipe(**kwargs, **mode.arguments(inputs, request)).images
         clock.lap("denoise")
 
         # 3. Decode, denormalise to [0, 1]; the images stay on the device.
@@ -160,13 +171,17 @@ class ZImageGenerator:
             latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
             decoded = vae.decode(latents, return_dict=False)[0]
             images = pipe.image_processor.postprocess(decoded, output_type="pt")
+            # 4. The mode's last step (inpainting puts the kept pixels back); cheap beside the
+            #    decode, so timed with it.
+            if mode.finish is not None:
+                images = mode.finish(images, inputs)
         clock.lap("decode")
         return images
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """(n, 3, H, W) in [0, 1] -> PIL images; the byte conversion runs on the device."""
-    pixels = (images * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    pixels = to_bytes(images).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(array) for array in pixels]
 
 

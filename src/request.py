@@ -78,13 +78,19 @@ class GenerateRequest(BaseModel):
         min_length=1,
         description="an http(s) URL, a data:image/...;base64, URI or bare base64 of the input image",
     )
+    mask: str | None = Field(
+        default=None,
+        min_length=1,
+        description="an http(s) URL, a data:image/...;base64, URI or bare base64 of a mask the size of "
+        "'image' (white = regenerate, black = keep)",
+    )
     size: str = Field(default="1024*1024", description=SIZE_RULE)
     strength: float = Field(
         default=0.8,
         ge=0.0,
         le=1.0,
         allow_inf_nan=False,
-        description="a number from 0.0 to 1.0 (image-to-image only; 0.0 returns the input untouched)",
+        description="a number from 0.0 to 1.0 (with 'image' only; 0.0 returns the input untouched)",
     )
     seed: int = Field(
         default=-1, ge=-1, le=MAX_SEED, description=f"an integer from -1 (random) to {MAX_SEED}"
@@ -123,6 +129,14 @@ class GenerateRequest(BaseModel):
         if "strength" in self.model_fields_set and self.image is None:
             raise ValueError(
                 "strength: only applies to image-to-image: send 'image' with it, or leave 'strength' out"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _mask_needs_image(self) -> GenerateRequest:
+        if self.mask is not None and self.image is None:
+            raise ValueError(
+                "mask: needs 'image', the picture to inpaint: send 'image' with it, or leave 'mask' out"
             )
         return self
 

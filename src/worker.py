@@ -22,16 +22,17 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-import numpy as np
-import torch
 from PIL import Image
 
 from src.errors import JobError, error_output
 from src.gpu import GpuFault, GpuStage, Stop, run_stoppable
-from src.input_image import load_image
+from src.inpaint import keeps_everything
+from src.input_image import Inputs, load_inputs
 from src.model_files import SearchRoots, missing_classifier_files, missing_pipeline_files, resolve_model
+from src.modes import mode_of
 from src.output_image import data_uri, encode_image
 from src.pipeline import StepCallback, ZImageGenerator, load_pipeline, pick_device, to_pil
+from src.pixels import from_pil
 from src.pricing import job_cost
 from src.request import MAX_SEED, GenerateRequest, parse_request
 from src.safety import SafetyChecker
@@ -128,7 +129,7 @@ class Worker:
         log.info(
             "job %s: %s, prompt %d chars sha256 %s, %s x%d, %d steps, seed %d",
             job_id,
-            "image-to-image" if request.image else "text-to-image",
+            mode_of(request).name,
             len(request.prompt),
             hashlib.sha256(request.prompt.encode()).hexdigest()[:12],
             request.size,
@@ -137,12 +138,8 @@ class Worker:
             seed,
         )
 
-        # 1. The input image, if any, fetched or decoded and fitted to the size.
-        init_image = None
-        if request.image:
-            init_image = await run_stoppable(
-                None, load_image, stop, request.image, request.width, request.height
-            )
+        # 1. The input image and mask, if any, fetched or decoded and fitted to the size.
+        inputs = await run_stoppable(None, load_inputs, stop, request)
         clock.lap("load_input")
 
         # 2. On the GPU, one job at a time: generate, check safety, bring the kept images to the host.
@@ -151,7 +148,7 @@ class Worker:
             if on_step is not None:
                 on_step(done, total)
 
-        work = partial(self._on_gpu, request, seed, init_image, clock, step)
+        work = partial(self._on_gpu, request, seed, inputs, clock, step)
         kept, images, flags = await self.gpu.run(work, stop)
 
         # 3. Encode and deliver.
@@ -165,17 +162,19 @@ class Worker:
         self,
         request: GenerateRequest,
         seed: int,
-        init_image: Image.Image | None,
+        inputs: Inputs,
         clock: Stopwatch,
         step: StepCallback,
     ) -> tuple[list[int], list[Image.Image], list[bool]]:
         clock.lap("wait_gpu")  # behind other jobs; reported in no stage, only in `total`
-        if init_image is not None and request.strength == 0:
-            # strength 0 returns the fitted input untouched by the model.
-            images = _as_tensor(init_image, self.generator.device).repeat(request.num_images, 1, 1, 1)
+        if inputs.image is not None and (request.strength == 0 or keeps_everything(inputs.mask)):
+            # strength 0 or an all-black mask returns the fitted input untouched by the model.
+            # As a [0, 1] tensor, which the checker reads and to_pil turns back into the same bytes.
+            fitted = from_pil(inputs.image, self.generator.device) / 255
+            images = fitted.repeat(request.num_images, 1, 1, 1)
             clock.lap("decode")  # the fitted input, as the tensor the checker reads
         else:
-            images = self.generator.generate(request, seed, clock, init_image, step)
+            images = self.generator.generate(request, seed, clock, inputs, step)
 
         # Every image is checked in one batch; flagged ones are dropped before encoding.
         flags = [False] * request.num_images
@@ -232,12 +231,6 @@ class Worker:
                 "'jpeg' or 'webp', fewer images, or a smaller size."
             )
         return output
-
-
-def _as_tensor(image: Image.Image, device: torch.device) -> torch.Tensor:
-    """PIL RGB -> (1, 3, H, W) in [0, 1]; to_pil turns it back into the same bytes."""
-    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
-    return (array.permute(2, 0, 1).unsqueeze(0).to(device, torch.float32)) / 255.0
 
 
 def _progress_reporter(job: dict[str, Any], settings: Settings) -> StepCallback | None:

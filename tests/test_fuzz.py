@@ -60,6 +60,18 @@ near_rules = {
     )
     # Generated text never looks like a URL: no generated host is ever resolved.
     | st.text(max_size=30).filter(lambda s: "://" not in s),
+    "mask": st.sampled_from(
+        [
+            data_uri_of(png_bytes((32, 32), (255, 255, 255))),  # the size of the sample image
+            data_uri_of(png_bytes((16, 16), (0, 0, 0))),
+            data_uri_of(png_bytes((32, 32), (0, 0, 0))),  # all black: the input comes back
+            "",
+            "!!!",
+            "ftp://127.0.0.1/x.png",
+            "http://169.254.169.254/latest/meta-data/",
+        ]
+    )
+    | st.text(max_size=30).filter(lambda s: "://" not in s),
     "size": st.sampled_from(["256*256", "512x512", "1024*1024", "1000*1000", "0*0", "", "2048X2048"])
     | st.from_regex(r"-?\d{1,5}[*xX]\d{1,5}", fullmatch=True),
     "strength": st.floats(-0.5, 1.5) | st.sampled_from([0, 1, 0.0, 1.0, "0.5", True]),
@@ -113,6 +125,7 @@ def assert_sound(request: GenerateRequest) -> None:
     assert math.isfinite(request.strength) and 0.0 <= request.strength <= 1.0
     assert math.isfinite(request.guidance_scale) and 0.0 <= request.guidance_scale <= 20.0
     assert request.image is not None or "strength" not in request.model_fields_set
+    assert request.image is not None or request.mask is None
 
 
 # ----------------------------------------------------------------- the request model
@@ -196,8 +209,8 @@ def test_local_api_answers_every_generated_body(api, raw):
         # The API says exactly what the model says: nothing is lost or added on the way.
         assert reply == {"id": reply["id"], "status": "FAILED", "error": expected_error}
     elif reply["status"] == "FAILED":
-        # Valid as a request, refused only when the image is loaded.
-        assert "image" in job_input and reply["error"].startswith("image:"), reply
+        # Valid as a request, refused only when the image or mask is loaded.
+        assert "image" in job_input and reply["error"].startswith(("image:", "mask:")), reply
         assert_actionable(reply["error"], job_input)
     else:
         output = reply["output"]

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from src.modes import MODES
 from src.pipeline import ZImageGenerator, load_pipeline
 from src.request import PRESET_SIZES
 from src.worker import TIMING_KEYS, Worker
@@ -28,20 +29,25 @@ def pixels(uri: str) -> np.ndarray:
 def test_load_shares_one_copy_of_every_weight_in_the_right_dtype(tiny_model):
     pipe = load_pipeline(tiny_model, torch.float32)
     generator = ZImageGenerator(pipe, torch.device("cpu"))
-    t2i, i2i = generator.text_to_image, generator.image_to_image
-    for name in ("transformer", "text_encoder", "vae"):
-        a, b = getattr(t2i, name), getattr(i2i, name)
-        assert a is b
-        for (pa_name, pa), (pb_name, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
-            assert pa_name == pb_name and pa.data_ptr() == pb.data_ptr()
-            assert pa.dtype == torch.float32 and pa.device.type == "cpu"
-    assert t2i.tokenizer is i2i.tokenizer and t2i.scheduler is i2i.scheduler
+    t2i = generator.text_to_image
+    assert set(generator.pipelines) == {mode.name for mode in MODES.values()}
+    for mode in MODES.values():
+        other = generator.pipelines[mode.name]
+        assert type(other) is mode.pipeline
+        for name in ("transformer", "text_encoder", "vae"):
+            a, b = getattr(t2i, name), getattr(other, name)
+            assert a is b
+            for (pa_name, pa), (pb_name, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+                assert pa_name == pb_name and pa.data_ptr() == pb.data_ptr()
+                assert pa.dtype == torch.float32 and pa.device.type == "cpu"
+        assert t2i.tokenizer is other.tokenizer and t2i.scheduler is other.scheduler
+    assert generator.pipelines["text-to-image"] is t2i
 
 
-def test_bf16_load_keeps_bf16_in_both_pipelines(tiny_model):
-    """On CUDA the worker loads bf16; building the img2img pipeline must not cast it back to fp32."""
+def test_bf16_load_keeps_bf16_in_every_pipeline(tiny_model):
+    """On CUDA the worker loads bf16; building the other modes' pipelines must not cast it back to fp32."""
     generator = ZImageGenerator(load_pipeline(tiny_model, torch.bfloat16), torch.device("cpu"))
-    for pipe in (generator.text_to_image, generator.image_to_image):
+    for pipe in generator.pipelines.values():
         for name in ("transformer", "text_encoder", "vae"):
             assert {p.dtype for p in getattr(pipe, name).parameters()} == {torch.bfloat16}
 

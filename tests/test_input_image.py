@@ -11,7 +11,8 @@ from PIL import Image
 
 import src.input_image as input_image
 from src.errors import JobError
-from src.input_image import cover_crop, load_image
+from src.input_image import cover_crop, load_image, load_inputs, load_mask
+from src.request import parse_request
 from tests.conftest import Route, data_uri_of, png_bytes
 
 
@@ -24,11 +25,11 @@ def _jpeg() -> bytes:
 JPEG = _jpeg()
 
 
-def failure(value: str, width: int = 256, height: int = 256) -> str:
+def failure(value: str, width: int = 256, height: int = 256, field: str = "image") -> str:
     with pytest.raises(JobError) as caught:
-        load_image(value, width, height)
+        load_image(value, width, height, field)
     message = str(caught.value)
-    assert message.startswith("image: ")
+    assert message.startswith(f"{field}: ")
     return message
 
 
@@ -93,6 +94,66 @@ def test_transparency_is_flattened_onto_white():
 )
 def test_undecodable_values_say_why(value, says):
     assert says in failure(value)
+
+
+@pytest.mark.parametrize("field", ["image", "mask", "control_image"])
+def test_every_error_names_the_field_it_is_about(field):
+    assert "not valid base64" in failure("!!!", field=field)
+    assert "not an image" in failure(base64.b64encode(b"hello world").decode(), field=field)
+    assert "scheme 'ftp'" in failure("ftp://example.com/x.png", field=field)
+
+
+# ------------------------------------------------------------------------- masks
+def png_of(array: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return data_uri_of(buffer.getvalue())
+
+
+def test_mask_is_grayscale_and_fitted_like_the_image():
+    # A 3:1 picture whose middle third differs: after cover and centre crop the mask's white
+    # column lies exactly on the image's green column.
+    image = np.zeros((100, 300, 3), dtype=np.uint8)
+    image[:, 100:200, 1] = 255
+    mask = np.zeros((100, 300, 3), dtype=np.uint8)  # an RGB mask: converted to grayscale
+    mask[:, 100:200] = 255
+    request = parse_request({"prompt": "a", "image": png_of(image), "mask": png_of(mask), "size": "512*256"})
+    inputs = load_inputs(request)
+    assert inputs.mask.mode == "L" and inputs.mask.size == inputs.image.size == (512, 256)
+    kept = np.asarray(inputs.mask) == 255
+    assert np.array_equal(kept, np.asarray(inputs.image)[:, :, 1] == 255)
+    assert kept.any() and not kept.all()
+
+
+def test_no_mask_and_no_image():
+    assert load_inputs(parse_request({"prompt": "a"})).image is None
+    inputs = load_inputs(parse_request({"prompt": "a", "image": data_uri_of(png_bytes())}))
+    assert inputs.image.size == (1024, 1024) and inputs.mask is None
+
+
+def test_mask_of_another_size_is_refused_with_both_sizes():
+    with pytest.raises(JobError) as caught:
+        load_mask(data_uri_of(png_bytes((640, 480))), (800, 600), 256, 256)
+    assert str(caught.value).startswith("mask: 640x480 does not match the image's 800x600: ")
+
+
+def test_mask_exif_orientation_is_applied_before_the_size_check():
+    """A phone mask stored landscape with 'rotate 90' matches a portrait image."""
+    stored = Image.new("L", (200, 100), 0)
+    stored.paste(255, (0, 0, 100, 100))  # left half white: after rotation, the top half
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    stored.save(buffer, format="JPEG", exif=exif, quality=95)
+    mask = np.asarray(load_mask(data_uri_of(buffer.getvalue(), "image/jpeg"), (100, 200), 256, 512))
+    assert mask.shape == (512, 256) and mask[50, 128] > 200 and mask[460, 128] < 50
+
+
+def test_mask_errors_name_the_mask():
+    assert "not an image" in failure(base64.b64encode(b"not a picture").decode(), field="mask")
+    with pytest.raises(JobError) as caught:
+        load_inputs(parse_request({"prompt": "a", "image": data_uri_of(png_bytes()), "mask": "!!!"}))
+    assert str(caught.value).startswith("mask: not valid base64")
 
 
 def test_pixel_cap_and_bomb():
@@ -177,6 +238,11 @@ def test_unreachable_host(allow_loopback_downloads):
     from tests.conftest import free_port
 
     assert "could not be fetched" in failure(f"http://127.0.0.1:{free_port()}/x.png")
+
+
+def test_mask_url_faults_name_the_mask(image_server, allow_loopback_downloads):
+    image_server.routes["/gone.png"] = Route(b"nope", status=404)
+    assert "failed with HTTP 404" in failure(f"{image_server.url}/gone.png", field="mask")
 
 
 def test_messages_never_carry_a_url_query(image_server, allow_loopback_downloads):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 
 import pytest
+from PIL import Image
 
 from src.request import parse_request
 from tests.conftest import ROOT, data_uri_of, png_bytes, worker_env
@@ -22,10 +24,16 @@ def readme_examples() -> list[dict]:
 
 
 def offline(job: dict) -> dict:
-    """The network is closed here: an example's image URL is swapped for the same kind of image inline."""
+    """The network is closed here: an example's image and mask URLs are swapped for pictures inline."""
     job_input = dict(job["input"])
     if job_input.get("image", "").startswith("http"):
         job_input["image"] = data_uri_of(png_bytes((640, 480)))
+    if job_input.get("mask", "").startswith("http"):
+        mask = Image.new("L", (640, 480), 0)
+        mask.paste(255, (200, 120, 440, 360))
+        buffer = io.BytesIO()
+        mask.save(buffer, format="PNG")
+        job_input["mask"] = data_uri_of(buffer.getvalue())
     return {"input": job_input}
 
 

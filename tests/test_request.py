@@ -20,7 +20,7 @@ def error(raw) -> str:
 
 def test_defaults_match_the_contract():
     request = ok()
-    assert request.image is None
+    assert request.image is None and request.mask is None
     assert (request.size, request.width, request.height) == ("1024*1024", 1024, 1024)
     assert request.strength == 0.8
     assert request.seed == -1
@@ -136,12 +136,15 @@ def test_numeric_bounds_on_both_sides(field, good, bad):
         ("image", 123),
         ("image", ""),
         ("image", ["http://x"]),
+        ("mask", 123),
+        ("mask", ""),
+        ("mask", ["http://x"]),
         ("negative_prompt", 5),
         ("negative_prompt", "n" * 4001),
     ],
 )
 def test_type_confusions_are_errors(field, value):
-    extra = {"image": "aGVsbG8="} if field == "strength" else {}
+    extra = {"image": "aGVsbG8="} if field in ("strength", "mask") else {}
     message = error({"prompt": "a", **extra, field: value})
     assert message.startswith(f"{field}: ") and "is not allowed" in message
 
@@ -179,12 +182,21 @@ def test_unknown_keys_name_themselves_and_the_nearest_field(key, suggestion):
 
 def test_unknown_key_with_nothing_close_lists_the_fields():
     message = error({"prompt": "a", "zzzz": 1})
-    assert message.startswith("zzzz: unknown field; allowed fields: prompt, image, size")
+    assert message.startswith("zzzz: unknown field; allowed fields: prompt, image, mask, size")
 
 
 def test_strength_needs_an_image():
     assert error({"prompt": "a", "strength": 0.5}).startswith("strength: only applies to image-to-image")
     assert ok(image="aGVsbG8=", strength=0.5).strength == 0.5
+
+
+def test_mask_needs_an_image():
+    message = error({"prompt": "a", "mask": "aGVsbG8="})
+    assert message.startswith("mask: needs 'image'") and "leave 'mask' out" in message
+    assert error({"prompt": "a", "mask": None, "strength": 0.5}).startswith("strength:")
+    request = ok(image="aGVsbG8=", mask="aGVsbG8=", strength=1.0)
+    assert (request.mask, request.strength) == ("aGVsbG8=", 1.0)
+    assert ok(mask=None).mask is None  # null means absent, as for image
 
 
 def test_every_problem_is_reported_at_once():

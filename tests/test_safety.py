@@ -13,6 +13,7 @@ on the same tensors the worker checks.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import shutil
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from builder.tiny_model import build_tiny_safety_checker
 from src import worker as worker_module
@@ -246,6 +248,22 @@ def test_image_to_image_input_is_checked_too(tiny_model, checkers, split):
     white = job(worker, image=solid((255, 255, 255)), strength=0.0, size="512*512")
     assert "error" in white and "all 1 generated image(s) were flagged" in white["error"]
     black = job(worker, image=solid((0, 0, 0)), strength=0.0, size="512*512")
+    assert "error" not in black and black["has_nsfw_concepts"] == [False]
+    assert decode_data_uri(black["image_url"]).getpixel((10, 10)) == (0, 0, 0)
+
+
+def test_inpainting_is_checked_after_the_composite(tiny_model, checkers):
+    """The checker sees what is returned: a white picture with a small hole is still bright."""
+    worker = start(tiny_model, checkers["brightness"], 0.5)
+    hole = Image.new("L", (64, 64), 0)
+    hole.paste(255, (24, 24, 40, 40))
+    buffer = io.BytesIO()
+    hole.save(buffer, format="PNG")
+    mask = data_uri_of(buffer.getvalue())
+    fields = {"mask": mask, "size": "256*256", "strength": 1.0, "num_inference_steps": 1, "seed": 2}
+    white = job(worker, image=solid((255, 255, 255)), **fields)
+    assert "error" in white and "all 1 generated image(s) were flagged" in white["error"]
+    black = job(worker, image=solid((0, 0, 0)), **fields)
     assert "error" not in black and black["has_nsfw_concepts"] == [False]
     assert decode_data_uri(black["image_url"]).getpixel((10, 10)) == (0, 0, 0)
 

@@ -20,8 +20,9 @@ import pytest
 from PIL import Image
 
 from builder.download_weights import repo_folder
-from src.input_image import load_image
+from src.input_image import load_inputs
 from src.model_files import SearchRoots, missing_pipeline_files
+from src.modes import MODES, mode_of
 from src.request import parse_request
 from src.settings import Settings
 from tests import test_builder
@@ -275,10 +276,11 @@ def test_hub_tests_run_on_a_gpu_the_listing_offers():
     Settings.from_env({entry["key"]: entry["value"] for entry in config["env"]})
 
 
-def test_hub_tests_cover_both_modes_with_timeouts():
+def test_hub_tests_cover_every_mode_with_timeouts():
     tests = HUB_TESTS["tests"]
-    assert len({test["name"] for test in tests}) == len(tests) == 2
-    assert [("image" in test["input"]) for test in tests] == [False, True]
+    assert len({test["name"] for test in tests}) == len(tests)
+    modes = [mode_of(parse_request(test["input"])).name for test in tests]
+    assert modes == [mode.name for mode in MODES.values()]
     for test in tests:
         assert isinstance(test["timeout"], int) and 60_000 <= test["timeout"] <= 900_000
 
@@ -286,9 +288,13 @@ def test_hub_tests_cover_both_modes_with_timeouts():
 @pytest.mark.parametrize("test", HUB_TESTS["tests"], ids=lambda test: test["name"])
 def test_hub_test_input_is_a_valid_request(test):
     request = parse_request(test["input"])
-    if request.image:
-        image = load_image(request.image, request.width, request.height)
-        assert image.size == (request.width, request.height)
+    inputs = load_inputs(request)  # data URIs only: a Hub test must not depend on another host
+    for field in ("image", "mask"):
+        value = getattr(request, field)
+        assert value is None or value.startswith("data:image/png;base64,")
+        if value is not None:
+            assert getattr(inputs, field).size == (request.width, request.height)
+    assert len(json.dumps(test["input"])) < 10_000  # small enough to read and to send
 
 
 @pytest.mark.parametrize("test", HUB_TESTS["tests"], ids=lambda test: test["name"])

@@ -1,0 +1,160 @@
+"""What inpainting costs on top of image-to-image, through the worker's own job path.
+
+    .venv/bin/python benchmarks/inpaint_cost.py [--runs 7] [--machine "2-core CPU sandbox"] [--out FILE]
+
+Both jobs take the same 1024x1024 photo-like picture, strength 0.8, 8 steps, PNG, checker off;
+the inpainting job adds a mask (left half kept, right half regenerated). The jobs alternate,
+so a busy machine slows both alike; each figure is the median of --runs jobs after one
+warm-up job of each, read from the `timings` a caller sees. The composite alone is timed on
+the same tensors. On a CPU it uses the tiny model of builder/tiny_model.py (--model: another).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from benchmarks.run import PROMPT, photo_like, run_job  # noqa: E402
+from builder.tiny_model import build_tiny_zimage  # noqa: E402
+from src.inpaint import composite  # noqa: E402
+from src.input_image import Inputs  # noqa: E402
+from src.settings import Settings  # noqa: E402
+from src.worker import Worker  # noqa: E402
+from tests.conftest import data_uri_of  # noqa: E402
+
+SIDE = 1024
+STAGES = ("load_input", "encode_prompt", "denoise", "decode", "encode_image", "total")
+
+
+def png_uri(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return data_uri_of(buffer.getvalue())
+
+
+def half_mask() -> Image.Image:
+    mask = np.zeros((SIDE, SIDE), dtype=np.uint8)
+    mask[:, SIDE // 2 :] = 255
+    return Image.fromarray(mask)
+
+
+def job_timings(worker: Worker, runs: int) -> dict[str, list[dict[str, float]]]:
+    """Each mode's `timings`, take by take; take i of both modes ran back to back."""
+    picture, mask = photo_like(SIDE), half_mask()
+    base = {"image": png_uri(picture), "size": f"{SIDE}*{SIDE}", "strength": 0.8}
+    jobs = {"image-to-image": base, "inpainting": {**base, "mask": png_uri(mask)}}
+    samples: dict[str, list[dict]] = {name: [] for name in jobs}
+    for job in jobs.values():
+        run_job(worker, "warm", {**job, "prompt": PROMPT, "seed": 0})
+    for i in range(runs):
+        for name, job in jobs.items():
+            # A new prompt for every job, so neither mode reads the other's cached embedding.
+            prompt = f"{PROMPT}, {name}, take {i}"
+            timings = run_job(worker, f"{name}-{i}", {**job, "prompt": prompt, "seed": i})["timings"]
+            samples[name].append(timings)
+    return samples
+
+
+def composite_ms(device: torch.device, runs: int) -> float:
+    inputs = Inputs(photo_like(SIDE), half_mask())
+    generated = torch.rand(1, 3, SIDE, SIDE, device=device)
+    times = []
+    for _ in range(runs + 1):
+        start = time.perf_counter()
+        composite(generated, inputs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - start) * 1000)
+    return round(statistics.median(times[1:]), 1)
+
+
+def median(values: list[float]) -> float:
+    return round(statistics.median(values), 1)
+
+
+def report(
+    samples: dict[str, list[dict[str, float]]],
+    blend_ms: float,
+    machine: str,
+    model: str,
+    runs: int,
+    load: str,
+) -> str:
+    lines = [
+        "| mode | " + " | ".join(STAGES) + " | total, fastest..slowest |",
+        "| --- |" + " ---: |" * (len(STAGES) + 1),
+    ]
+    for name, rows in samples.items():
+        totals = [row["total"] for row in rows]
+        cells = [str(median([row[stage] for row in rows])) for stage in STAGES]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {min(totals):.0f}..{max(totals):.0f} |")
+    # Paired: take i of both modes ran back to back, so a load change hits both alike.
+    pairs = list(zip(samples["image-to-image"], samples["inpainting"], strict=True))
+    extra = {stage: median([b[stage] - a[stage] for a, b in pairs]) for stage in STAGES}
+    lines.append(
+        "| extra (median of paired differences) | " + " | ".join(str(extra[s]) for s in STAGES) + " | |"
+    )
+    share = 100 * extra["total"] / median([a["total"] for a, _ in pairs])
+    return "\n".join(
+        [
+            "# Inpainting cost against image-to-image",
+            "",
+            f"- date: {datetime.now(UTC):%Y-%m-%d}",
+            f"- machine: {machine}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"{platform.machine()}, Python {platform.python_version()}; load average {load}",
+            f"- model: {model}, on {'cuda' if torch.cuda.is_available() else 'cpu'}",
+            f"- job: {SIDE}x{SIDE} photo-like input, strength 0.8, 8 steps, PNG, checker off; "
+            "inpainting adds a mask with the right half white; medians of "
+            f"{runs} alternating jobs of each after one warm-up each (ms, the response's `timings`)",
+            "- command: `python benchmarks/inpaint_cost.py`",
+            "",
+            *lines,
+            "",
+            f"Inpainting costs {extra['total']:+.1f} ms per job ({share:+.1f}% of image-to-image). "
+            f"The composite alone takes {blend_ms} ms at {SIDE}x{SIDE} (median of {runs}). What else the "
+            "inpainting pipeline does: a second VAE encode per image (of the masked picture, which "
+            "Z-Image's inpainting loop does not use), a latent blend at every step, and decoding the "
+            "mask. A stage difference smaller than the spread of the totals is noise on a shared machine.",
+            "",
+        ]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--model", help="an existing model folder (default: build the tiny one)")
+    parser.add_argument("--machine", default=f"{os.cpu_count()}-core CPU")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/inpaint_cost.md")
+    args = parser.parse_args()
+    model = Path(args.model) if args.model else build_tiny_zimage(Path(tempfile.mkdtemp()) / "tiny-zimage")
+    worker = Worker.start(Settings(model=str(model), safety_checker_model="none"))
+    before = os.getloadavg()[0]
+    samples = job_timings(worker, args.runs)
+    blend_ms = composite_ms(worker.generator.device, args.runs)
+    load = f"{before:.1f} before, {os.getloadavg()[0]:.1f} after (1 min)"
+    kind = args.model or "the tiny model (builder/tiny_model.py)"
+    text = report(samples, blend_ms, args.machine, kind, args.runs, load)
+    args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
