@@ -29,6 +29,8 @@ from PIL import Image
 from src.errors import JobError, error_output
 from src.gpu import GpuFault, GpuStage, Stop, run_stoppable
 from src.input_image import load_image
+from src.lora_adapters import LoraAdapters, PreparedLora
+from src.lora_files import LoraFiles
 from src.model_files import SearchRoots, missing_classifier_files, missing_pipeline_files, resolve_model
 from src.output_image import data_uri, encode_image
 from src.pipeline import StepCallback, ZImageGenerator, load_pipeline, pick_device, to_pil
@@ -62,6 +64,7 @@ class Worker:
     generator: ZImageGenerator
     safety: SafetyChecker | None
     storage: Storage | None
+    loras: LoraAdapters
     gpu: GpuStage = field(default_factory=GpuStage)
 
     @classmethod
@@ -76,6 +79,10 @@ class Worker:
         clock.lap("load_weights")
         generator = ZImageGenerator(pipe.to(device), device)
         clock.lap("move_to_device")
+        files = LoraFiles(
+            settings.lora_dirs, settings.lora_cache_path, settings.lora_cache_gb, settings.lora_max_mb
+        )
+        loras = LoraAdapters(generator.text_to_image, files, settings.lora_max_loaded)
         generator.accelerate(settings.acceleration, settings.compile)
         clock.lap("accelerate")
         safety = None
@@ -93,7 +100,7 @@ class Worker:
         clock.lap("warm_up")
         parts = ", ".join(f"{name} {ms:.0f} ms" for name, ms in clock.timings.items())
         log.info("ready on %s (%s): %s", device, str(dtype).removeprefix("torch."), parts)
-        return cls(settings, generator, safety, storage)
+        return cls(settings, generator, safety, storage, loras)
 
     async def handle(self, job: dict[str, Any]) -> dict[str, Any]:
         """The SDK's handler: a job's output, or the one error shape; the worker serves on."""
@@ -144,6 +151,11 @@ class Worker:
                 None, load_image, stop, request.image, request.width, request.height
             )
         clock.lap("load_input")
+        # LoRA files, downloaded or from the cache, read unless already loaded.
+        loras = []
+        if request.loras:
+            loras = await run_stoppable(None, self.loras.prepare, stop, request.loras, stop)
+            clock.lap("load_loras")
 
         # 2. On the GPU, one job at a time: generate, check safety, bring the kept images to the host.
         def step(done: int, total: int) -> None:
@@ -151,7 +163,7 @@ class Worker:
             if on_step is not None:
                 on_step(done, total)
 
-        work = partial(self._on_gpu, request, seed, init_image, clock, step)
+        work = partial(self._on_gpu, request, seed, init_image, loras, clock, step)
         kept, images, flags = await self.gpu.run(work, stop)
 
         # 3. Encode and deliver.
@@ -166,10 +178,14 @@ class Worker:
         request: GenerateRequest,
         seed: int,
         init_image: Image.Image | None,
+        loras: list[PreparedLora],
         clock: Stopwatch,
         step: StepCallback,
     ) -> tuple[list[int], list[Image.Image], list[bool]]:
         clock.lap("wait_gpu")  # behind other jobs; reported in no stage, only in `total`
+        self.loras.activate(loras)  # exactly this job's adapters, or none: the base weights
+        if loras:
+            clock.lap("load_loras")
         if init_image is not None and request.strength == 0:
             # strength 0 returns the fitted input untouched by the model.
             images = _as_tensor(init_image, self.generator.device).repeat(request.num_images, 1, 1, 1)
