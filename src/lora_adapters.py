@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -127,14 +128,17 @@ class LoraAdapters:
 
     def _load(self, lora: PreparedLora) -> None:
         try:
-            self.pipe.load_lora_into_transformer(
-                lora.state,
-                transformer=self.pipe.transformer,
-                adapter_name=lora.adapter,
-                metadata=lora.metadata,
-                _pipeline=self.pipe,
-                low_cpu_mem_usage=_LOW_CPU_MEM_USAGE_DEFAULT_LORA,
-            )
+            with warnings.catch_warnings():
+                # peft warns on every adapter after the first; several adapters are the point here.
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                self.pipe.load_lora_into_transformer(
+                    lora.state,
+                    transformer=self.pipe.transformer,
+                    adapter_name=lora.adapter,
+                    metadata=lora.metadata,
+                    _pipeline=self.pipe,
+                    low_cpu_mem_usage=_LOW_CPU_MEM_USAGE_DEFAULT_LORA,
+                )
         except (ValueError, RuntimeError, KeyError) as err:
             if isinstance(err, torch.OutOfMemoryError) or "CUDA" in str(err):
                 raise  # src/gpu.py tells out-of-memory and GPU faults apart
@@ -155,7 +159,9 @@ class LoraAdapters:
             if len(self.loaded) + new <= budget:
                 break
             if name not in wanted:
-                self.pipe.delete_adapters(name)
+                with warnings.catch_warnings():  # "was active which is now deleted": it is not needed
+                    warnings.simplefilter("ignore", UserWarning)
+                    self.pipe.delete_adapters(name)
                 del self.loaded[name]
                 log.info("unloaded adapter %s (LORA_MAX_LOADED=%d)", name[5:17], self.max_loaded)
 
