@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 from src.errors import JobError
 from src.gpu import Stop
 from src.lora_files import LoraFile, LoraFiles
+from src.lora_hotswap import HotswapSlots
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +60,16 @@ class PreparedLora:
 
 
 class LoraAdapters:
-    def __init__(self, pipe: ZImagePipeline, files: LoraFiles, max_loaded: int) -> None:
+    def __init__(
+        self, pipe: ZImagePipeline, files: LoraFiles, max_loaded: int, hotswap: bool = False
+    ) -> None:
+        """`hotswap`: the transformer is about to be compiled; LoRAs go into fixed slots instead."""
         self.pipe = pipe
         self.files = files
         self.max_loaded = max_loaded
         self.modules = {name for name, _ in pipe.transformer.named_modules() if name}
         self.loaded: OrderedDict[str, None] = OrderedDict()  # least recently used first
+        self.slots = HotswapSlots(pipe) if hotswap else None
 
     def prepare(self, specs: list, stop: Stop) -> list[PreparedLora]:
         """Each `loras[i]` as a checked local file, read and converted unless already loaded."""
@@ -72,7 +77,8 @@ class LoraAdapters:
         for index, spec in enumerate(specs):
             file = self.files.fetch(index, spec.path, stop)
             lora = PreparedLora(file, spec.scale, None)
-            if lora.adapter not in self.loaded:  # a stale answer only means activate() reads it
+            held = self.slots.holds(file.digest) if self.slots else lora.adapter in self.loaded
+            if not held:  # a stale answer only means activate() reads it
                 lora.state, lora.metadata = self.read(file)
             prepared.append(lora)
         return prepared
@@ -110,6 +116,9 @@ class LoraAdapters:
 
     def activate(self, prepared: list[PreparedLora]) -> None:
         """On the GPU thread: exactly these adapters at these scales, or none (the base weights)."""
+        if self.slots is not None:
+            self.slots.activate(prepared, self.read)
+            return
         if not prepared:
             if self.loaded:
                 self.pipe.disable_lora()

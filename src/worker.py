@@ -82,7 +82,9 @@ class Worker:
         files = LoraFiles(
             settings.lora_dirs, settings.lora_cache_path, settings.lora_cache_gb, settings.lora_max_mb
         )
-        loras = LoraAdapters(generator.text_to_image, files, settings.lora_max_loaded)
+        # Before `accelerate`: a transformer about to be compiled gets its LoRA slots first.
+        compiled = settings.compile and device.type == "cuda"  # accelerate() compiles on CUDA only
+        loras = LoraAdapters(generator.text_to_image, files, settings.lora_max_loaded, hotswap=compiled)
         generator.accelerate(settings.acceleration, settings.compile)
         clock.lap("accelerate")
         safety = None
