@@ -13,6 +13,7 @@ from safetensors.torch import save
 
 from src.errors import JobError
 from src.gpu import Stop
+from src.logs import redact
 from src.lora_files import LoraFiles, check_safetensors_file, check_safetensors_head
 from src.request import parse_request
 from tests.conftest import Route
@@ -159,3 +160,8 @@ def test_file_names_are_looked_up_in_lora_dirs_in_order(tmp_path):
     first.mkdir()
     (first / "x.safetensors").write_bytes(LORA)
     assert files.fetch(0, "x.safetensors", Stop()).path == first / "x.safetensors"
+
+
+def test_the_log_filter_masks_download_tokens_even_in_the_sdks_debug_lines():
+    line = "{'loras': [{'path': 'https://civitai.com/api/download/models/1?type=Model&token=s3cret'}]}"
+    assert "s3cret" not in redact(line) and "type=Model" in redact(line)
