@@ -14,6 +14,7 @@ from safetensors.torch import save
 from src.errors import JobError
 from src.gpu import Stop
 from src.logs import redact
+from src.lora_adapters import looks_like
 from src.lora_files import LoraFiles, check_safetensors_file, check_safetensors_head
 from src.request import parse_request
 from tests.conftest import Route
@@ -165,3 +166,21 @@ def test_file_names_are_looked_up_in_lora_dirs_in_order(tmp_path):
 def test_the_log_filter_masks_download_tokens_even_in_the_sdks_debug_lines():
     line = "{'loras': [{'path': 'https://civitai.com/api/download/models/1?type=Model&token=s3cret'}]}"
     assert "s3cret" not in redact(line) and "type=Model" in redact(line)
+
+
+@pytest.mark.parametrize(
+    ("keys", "expected"),
+    [
+        (
+            ["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"],
+            "a Stable Diffusion 1.x/SDXL UNet LoRA",
+        ),
+        (["transformer.single_transformer_blocks.3.attn.to_k.lora_A.weight"], "a Flux LoRA"),
+        (["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"], "a Flux LoRA"),
+        (["transformer.joint_blocks.0.x_block.attn.qkv.lora_A.weight"], "a Stable Diffusion 3 LoRA"),
+        (["lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha"], "a text-encoder LoRA"),
+        (["weird key\nwith newline"], "keys like 'weird?key?with?newline'"),
+    ],
+)
+def test_a_foreign_lora_is_described_by_its_keys(keys, expected):
+    assert looks_like(keys) == expected
