@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 from pathlib import Path
@@ -142,3 +143,21 @@ def test_least_recently_used_adapters_are_unloaded(lora_worker, lora_dir):
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_jobs_in_flight_together_each_get_their_own_adapters(lora_worker):
+    """LoRA and plain jobs in flight together: each activates its own state on the GPU thread."""
+    jobs = [
+        {**BASE, "loras": [{"path": "two.safetensors", "scale": 1.2}]},
+        dict(BASE),
+        {**BASE, "loras": [{"path": "three.safetensors", "scale": -0.5}]},
+        dict(BASE),
+    ]
+    alone = [run(lora_worker, **job)["image_url"] for job in jobs]
+
+    async def together() -> list[dict]:
+        return await asyncio.gather(
+            *(lora_worker.handle({"id": f"c{i}", "input": job}) for i, job in enumerate(jobs))
+        )
+
+    assert [output["image_url"] for output in asyncio.run(together())] == alone
