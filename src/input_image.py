@@ -12,29 +12,29 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import io
 import re
-import socket
 import threading
 import time
 import warnings
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING
 
 from PIL import Image, ImageOps
-from requests import RequestException, Response
+from requests import RequestException
 from runpod.serverless.utils.rp_ssrf import SSRFError, iter_content_capped, safe_get
 
+from src.downloads import USER_AGENT, shut, without_query
 from src.errors import JobError
-from src.request import GenerateRequest
+
+if TYPE_CHECKING:
+    from src.request import GenerateRequest
 
 MAX_BYTES = 32 * 1024 * 1024
 MAX_PIXELS = 40_000_000
 DOWNLOAD_SECONDS = 30.0
 # Formats a camera, phone or browser produces; other PIL decoders are not exposed to input.
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG covers phones' MPO files
-USER_AGENT = "zimage-turbo-worker (+https://github.com/runpod-workers)"
 DATA_URI = re.compile(r"data:image/[\w.+-]+;base64,", re.IGNORECASE)
 
 # PIL's own bomb guard raises past twice this; the explicit check below gives a clear message.
@@ -108,7 +108,7 @@ def decode_base64(value: str, field: str = "image") -> bytes:
 
 def fetch_url(url: str, field: str = "image") -> bytes:
     """Download within the size and time caps; every failure says which cap or step."""
-    shown = _without_query(url)
+    shown = without_query(url)
     deadline = time.monotonic() + DOWNLOAD_SECONDS
     too_slow = f"{field}: fetching {shown} took over {DOWNLOAD_SECONDS:g} s"
     try:
@@ -119,7 +119,7 @@ def fetch_url(url: str, field: str = "image") -> bytes:
                 raise JobError(f"{field}: fetching {shown} failed with HTTP {response.status_code}")
             # A chunk comes back only once 64 KiB have arrived, and a host that sends a byte every
             # few seconds never trips the read timeout: at the deadline the socket is shut instead.
-            watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), _shut, args=(response,))
+            watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), shut, args=(response,))
             watchdog.daemon = True
             watchdog.start()
             try:
@@ -130,7 +130,7 @@ def fetch_url(url: str, field: str = "image") -> bytes:
                 raise JobError(too_slow)
             return data
     except SSRFError as err:
-        reason = _without_query(str(err))
+        reason = without_query(str(err))
         if "size cap" in reason:
             raise JobError(f"{field}: {shown} is over the {MAX_BYTES // 2**20} MiB cap") from None
         raise JobError(f"{field}: {shown} is refused: {reason}") from None
@@ -139,14 +139,6 @@ def fetch_url(url: str, field: str = "image") -> bytes:
             raise JobError(too_slow) from None
         kind = "timed out" if "timeout" in type(err).__name__.lower() else "could not be fetched"
         raise JobError(f"{field}: {shown} {kind} ({type(err).__name__})") from None
-
-
-def _shut(response: Response) -> None:
-    """End a download from the watchdog thread: shutdown wakes a blocked read, close would not."""
-    sock = getattr(getattr(response.raw, "connection", None), "sock", None)
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
 
 
 def open_image(data: bytes, field: str = "image") -> Image.Image:
@@ -187,14 +179,3 @@ def cover_crop(image: Image.Image, width: int, height: int) -> Image.Image:
 def _fit(image: Image.Image, width: int, height: int) -> Image.Image:
     """Cover and centre-crop: one call for image and mask, so the two stay aligned pixel for pixel."""
     return ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS)
-
-
-def _without_query(text: str) -> str:
-    """URLs as they may appear in a message: a presigned input URL's signature stays out."""
-
-    def strip(match: re.Match[str]) -> str:
-        parts = urlsplit(match[0])
-        path = parts.path if len(parts.path) <= 80 else parts.path[:77] + "..."
-        return f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}{path}"
-
-    return re.sub(r"https?://[^\s'\"]+", strip, text)

@@ -17,7 +17,9 @@ _SECRETS: set[str] = set()
 _DATA_URI = re.compile(r"(data:[\w/.+-]+;base64,)([A-Za-z0-9+/=]{16,})")
 _LONG_BASE64 = re.compile(r"[A-Za-z0-9+/]{200,}={0,2}")
 _SIGNED_PARAMS = re.compile(
-    r"((?:X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|Signature|AWSAccessKeyId)=)[^&\s'\"]+",
+    # token/api_key: LoRA download links (Civitai, Hugging Face) carry them in the query.
+    r"((?:X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|Signature|AWSAccessKeyId|token|api_key)=)"
+    r"[^&\s'\"]+",
     re.IGNORECASE,
 )
 

@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from src.errors import JobError
+from src.lora_files import LORA_PATH_RULE, MAX_LORAS, check_lora_path, shown_path
 
 MAX_PROMPT_CHARS = 4000
 MAX_SEED = 2**32 - 1
@@ -62,6 +63,22 @@ def parse_size(size: str) -> tuple[int, int]:
     if not sides_ok or width * height > MAX_SIDE * MAX_SIDE:
         raise ValueError(SIZE_RULE)
     return width, height
+
+
+class LoraSpec(BaseModel):
+    """One entry of `loras` (API.md, "LoRA adapters")."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    path: str = Field(description=LORA_PATH_RULE)
+    scale: float = Field(
+        default=1.0, ge=-4.0, le=4.0, allow_inf_nan=False, description="a number from -4.0 to 4.0"
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _path_allowed(cls, path: str) -> str:
+        return check_lora_path(path)
 
 
 class GenerateRequest(BaseModel):
@@ -110,6 +127,11 @@ class GenerateRequest(BaseModel):
         description=f"a string of at most {MAX_PROMPT_CHARS} characters, used when guidance_scale > 0",
     )
     output_quality: int = Field(default=95, ge=1, le=100, description="an integer from 1 to 100")
+    loras: list[LoraSpec] = Field(
+        default_factory=list,
+        max_length=MAX_LORAS,
+        description=f'a list of 0 to {MAX_LORAS} objects {{"path": ..., "scale": ...}}',
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -138,6 +160,17 @@ class GenerateRequest(BaseModel):
             raise ValueError(
                 "mask: needs 'image', the picture to inpaint: send 'image' with it, or leave 'mask' out"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _loras_distinct(self) -> GenerateRequest:
+        paths = [lora.path for lora in self.loras]
+        for i, path in enumerate(paths):
+            if path in paths[:i]:
+                raise ValueError(
+                    f"loras[{i}].path: {shown_path(path)} is not allowed: it is the same LoRA as "
+                    f"loras[{paths.index(path)}]; give each LoRA once, with the sum of the scales"
+                )
         return self
 
     @property
@@ -171,6 +204,8 @@ def parse_request(raw: Any) -> GenerateRequest:
 def _describe(error: Any, raw: dict) -> str:
     """One pydantic error -> 'field: what arrived is not allowed: what is allowed'."""
     field = str(error["loc"][0]) if error["loc"] else ""
+    if field == "loras" and len(error["loc"]) > 1:
+        return _describe_lora(error, raw)
     if error["type"] == "extra_forbidden":
         close = difflib.get_close_matches(field, FIELDS, n=1, cutoff=0.5)
         hint = f"did you mean '{close[0]}'? " if close else ""
@@ -181,6 +216,26 @@ def _describe(error: Any, raw: dict) -> str:
         return str(error["ctx"]["error"])
     shown = _shown(raw.get(field))
     return f"{field}: {shown} is not allowed: it must be {FIELDS[field].description}"
+
+
+def _describe_lora(error: Any, raw: dict) -> str:
+    """An error inside `loras[i]`, named `loras[i].<key>`; a URL is shown without its query (tokens)."""
+    index, key = error["loc"][1], (str(error["loc"][2]) if len(error["loc"]) > 2 else "")
+    entry = raw["loras"][index]
+    name = f"loras[{index}]"
+    if error["type"] == "extra_forbidden":
+        return f"{name}.{_key(key)}: unknown field; allowed fields: {', '.join(LoraSpec.model_fields)}"
+    if not key:
+        return f"{name}: {_shown(entry)} is not allowed: it must be an object {{'path': ..., 'scale': ...}}"
+    spec = LoraSpec.model_fields[key]
+    if error["type"] == "missing":
+        return f"{name}.{key}: required; send {spec.description}"
+    value = entry.get(key)
+    shown = shown_path(value) if key == "path" and isinstance(value, str) else _shown(value)
+    reason = (
+        str(error["ctx"]["error"]) if error["type"] == "value_error" else f"it must be {spec.description}"
+    )
+    return f"{name}.{key}: {shown} is not allowed: {reason}"
 
 
 def _key(name: str) -> str:

@@ -10,6 +10,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlparse
 
 # Each job in flight holds its input and output images in host memory; past a handful the
@@ -52,6 +53,24 @@ class Settings:
     # Jobs in flight on one worker (Runpod's concurrency_modifier); the GPU still runs one at a
     # time, and the others fetch inputs, encode and upload meanwhile. 1 = strictly one job.
     max_concurrency: int = 2
+    # Folders searched, in order, for LoRAs a request names by bare file name (`name.safetensors`).
+    lora_dirs: tuple[str, ...] = ("/runpod-volume/loras", "/loras")
+    # Where downloaded LoRAs are kept; unset: on the network volume when one is mounted (shared by
+    # every worker on it), else in the home cache. See `lora_cache_path`.
+    lora_cache_dir: str | None = None
+    # Disk budget of that cache in GB; past it the least recently used files are deleted.
+    lora_cache_gb: float = 20.0
+    # The largest LoRA file a URL may deliver, in MiB (rank-128 LoRAs of 6B models are ~1 GB).
+    lora_max_mb: int = 1024
+    # Adapters kept loaded in the transformer between jobs; the least recently used are unloaded.
+    lora_max_loaded: int = 6
+
+    @property
+    def lora_cache_path(self) -> Path:
+        if self.lora_cache_dir is not None:
+            return Path(self.lora_cache_dir)
+        volume = Path("/runpod-volume")
+        return volume / "lora-cache" if volume.is_dir() else Path.home() / ".cache" / "zimage-loras"
 
     @property
     def storage_enabled(self) -> bool:
@@ -105,6 +124,16 @@ class Settings:
         if acceleration not in ("none", "fp8"):
             raise SettingsError(f"ZIMAGE_ACCELERATION: {acceleration!r} is not allowed: use 'none' or 'fp8'")
 
+        lora_dirs = tuple(part.strip() for part in text("LORA_DIRS", "").split(":") if part.strip())
+        if any(not Path(folder).is_absolute() for folder in lora_dirs):
+            raise SettingsError(
+                f"LORA_DIRS: {env.get('LORA_DIRS', '')!r} is not allowed: use absolute folders "
+                "separated by ':' (e.g. /runpod-volume/loras:/loras)"
+            )
+        lora_cache_dir = text("LORA_CACHE_DIR", None)
+        if lora_cache_dir is not None and not Path(lora_cache_dir).is_absolute():
+            raise SettingsError(f"LORA_CACHE_DIR: {lora_cache_dir!r} is not allowed: use an absolute folder")
+
         return cls(
             model=text("ZIMAGE_MODEL", cls.model),
             safety_checker_model=text("SAFETY_CHECKER_MODEL", cls.safety_checker_model),
@@ -121,6 +150,11 @@ class Settings:
             allow_download=_flag(env, "ZIMAGE_ALLOW_DOWNLOAD", cls.allow_download),
             compile=_flag(env, "ZIMAGE_COMPILE", cls.compile),
             max_concurrency=_integer(env, "MAX_CONCURRENCY", cls.max_concurrency, 1, MAX_CONCURRENCY),
+            lora_dirs=lora_dirs or cls.lora_dirs,
+            lora_cache_dir=lora_cache_dir,
+            lora_cache_gb=_number(env, "LORA_CACHE_GB", cls.lora_cache_gb, 0.0, 100_000.0),
+            lora_max_mb=_integer(env, "LORA_MAX_MB", cls.lora_max_mb, 1, 8192),
+            lora_max_loaded=_integer(env, "LORA_MAX_LOADED", cls.lora_max_loaded, 1, 64),
         )
 
 

@@ -22,5 +22,13 @@ class Stopwatch:
         self.timings[name] = round(self.timings.get(name, 0.0) + (now - self.start) * 1000, 1)
         self.start = now
 
+    def add(self, name: str, ms: float) -> None:
+        """Time measured elsewhere (stages that ran side by side), added to `name`."""
+        self.timings[name] = round(self.timings.get(name, 0.0) + ms, 1)
+
+    def restart(self) -> None:
+        """The next lap starts now; the time since the last one is in no stage."""
+        self.start = time.perf_counter()
+
     def total_ms(self) -> float:
         return round((time.perf_counter() - self.began) * 1000, 1)

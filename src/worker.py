@@ -18,9 +18,11 @@ import hashlib
 import json
 import logging
 import secrets
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 from PIL import Image
 
@@ -28,6 +30,8 @@ from src.errors import JobError, error_output
 from src.gpu import GpuFault, GpuStage, Stop, run_stoppable
 from src.inpaint import keeps_everything
 from src.input_image import Inputs, load_inputs
+from src.lora_adapters import LoraAdapters, PreparedLora
+from src.lora_files import LoraFiles
 from src.model_files import SearchRoots, missing_classifier_files, missing_pipeline_files, resolve_model
 from src.modes import mode_of
 from src.output_image import data_uri, encode_image
@@ -41,6 +45,7 @@ from src.storage import Storage
 from src.timing import Stopwatch
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Runpod rejects results over 20 MB (/run: 10 MB); data URIs past that fail the job instead.
 MAX_RESULT_BYTES = 20_000_000
@@ -63,6 +68,7 @@ class Worker:
     generator: ZImageGenerator
     safety: SafetyChecker | None
     storage: Storage | None
+    loras: LoraAdapters
     gpu: GpuStage = field(default_factory=GpuStage)
 
     @classmethod
@@ -77,6 +83,12 @@ class Worker:
         clock.lap("load_weights")
         generator = ZImageGenerator(pipe.to(device), device)
         clock.lap("move_to_device")
+        files = LoraFiles(
+            settings.lora_dirs, settings.lora_cache_path, settings.lora_cache_gb, settings.lora_max_mb
+        )
+        # Before `accelerate`: a transformer about to be compiled gets its LoRA slots first.
+        compiled = settings.compile and device.type == "cuda"  # accelerate() compiles on CUDA only
+        loras = LoraAdapters(generator.text_to_image, files, settings.lora_max_loaded, hotswap=compiled)
         generator.accelerate(settings.acceleration, settings.compile)
         clock.lap("accelerate")
         safety = None
@@ -94,7 +106,7 @@ class Worker:
         clock.lap("warm_up")
         parts = ", ".join(f"{name} {ms:.0f} ms" for name, ms in clock.timings.items())
         log.info("ready on %s (%s): %s", device, str(dtype).removeprefix("torch."), parts)
-        return cls(settings, generator, safety, storage)
+        return cls(settings, generator, safety, storage, loras)
 
     async def handle(self, job: dict[str, Any]) -> dict[str, Any]:
         """The SDK's handler: a job's output, or the one error shape; the worker serves on."""
@@ -120,6 +132,15 @@ class Worker:
                 f"internal error in job {job_id}; the worker logged the details and keeps serving"
             )
 
+    @staticmethod
+    async def _timed(clock: Stopwatch, stage: str, fn: Callable[..., T], stop: Stop, *args: Any) -> T:
+        """`fn` on an I/O thread, its time added to `stage` (fetches run side by side)."""
+        started = time.perf_counter()
+        try:
+            return await run_stoppable(None, fn, stop, *args)
+        finally:
+            clock.add(stage, (time.perf_counter() - started) * 1000)
+
     async def run(self, job_id: str, raw_input: Any, on_step: StepCallback | None = None) -> dict[str, Any]:
         """One job, start to end. Only the GPU stage waits for other jobs; the rest overlaps them."""
         clock = Stopwatch(self.generator.device)
@@ -138,9 +159,19 @@ class Worker:
             seed,
         )
 
-        # 1. The input image and mask, if any, fetched or decoded and fitted to the size.
-        inputs = await run_stoppable(None, load_inputs, stop, request)
-        clock.lap("load_input")
+        # 1. Fetch at once: the input image and mask fitted to the size, and the LoRA files
+        #    (downloaded or from the cache, read unless already loaded).
+        try:
+            inputs, loras = await asyncio.gather(
+                self._timed(clock, "load_input", load_inputs, stop, request),
+                self._timed(clock, "load_loras", self.loras.prepare, stop, request.loras, stop)
+                if request.loras
+                else asyncio.sleep(0, result=[]),
+            )
+        except Exception:
+            stop.set()  # the other fetch, if still running, ends at its next check
+            raise
+        clock.restart()
 
         # 2. On the GPU, one job at a time: generate, check safety, bring the kept images to the host.
         def step(done: int, total: int) -> None:
@@ -148,7 +179,7 @@ class Worker:
             if on_step is not None:
                 on_step(done, total)
 
-        work = partial(self._on_gpu, request, seed, inputs, clock, step)
+        work = partial(self._on_gpu, request, seed, inputs, loras, clock, step)
         kept, images, flags = await self.gpu.run(work, stop)
 
         # 3. Encode and deliver.
@@ -163,10 +194,14 @@ class Worker:
         request: GenerateRequest,
         seed: int,
         inputs: Inputs,
+        loras: list[PreparedLora],
         clock: Stopwatch,
         step: StepCallback,
     ) -> tuple[list[int], list[Image.Image], list[bool]]:
         clock.lap("wait_gpu")  # behind other jobs; reported in no stage, only in `total`
+        self.loras.activate(loras)  # exactly this job's adapters, or none: the base weights
+        if loras:
+            clock.lap("load_loras")
         if inputs.image is not None and (request.strength == 0 or keeps_everything(inputs.mask)):
             # strength 0 or an all-black mask returns the fitted input untouched by the model.
             # As a [0, 1] tensor, which the checker reads and to_pil turns back into the same bytes.

@@ -5,13 +5,16 @@ from __future__ import annotations
 import io
 import json
 import re
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from src.request import parse_request
-from tests.conftest import ROOT, data_uri_of, png_bytes, worker_env
+from tests.conftest import ROOT, LocalAPI, data_uri_of, local_api, png_bytes, worker_env
 from tests.test_local_api import run_cli
+from tests.tiny_loras import make_lora, save_lora
 
 README = (ROOT / "README.md").read_text()
 
@@ -24,7 +27,8 @@ def readme_examples() -> list[dict]:
 
 
 def offline(job: dict) -> dict:
-    """The network is closed here: an example's image and mask URLs are swapped for pictures inline."""
+    """The network is closed here: an example's image and mask URLs are swapped for pictures inline,
+    and a LoRA URL for a LoRA file of the same kind in LORA_DIRS (see `lora_dir`)."""
     job_input = dict(job["input"])
     if job_input.get("image", "").startswith("http"):
         job_input["image"] = data_uri_of(png_bytes((640, 480)))
@@ -34,7 +38,30 @@ def offline(job: dict) -> dict:
         buffer = io.BytesIO()
         mask.save(buffer, format="PNG")
         job_input["mask"] = data_uri_of(buffer.getvalue())
+    if "loras" in job_input:
+        job_input["loras"] = [
+            {**lora, "path": f"url-{i}.safetensors"} if lora["path"].startswith("http") else lora
+            for i, lora in enumerate(job_input["loras"])
+        ]
     return {"input": job_input}
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LORA_DIRS folder with every file the README's examples name, and the stand-ins for URLs."""
+    folder = tmp_path_factory.mktemp("readme-loras")
+    names = {lora["path"] for job in readme_examples() for lora in offline(job)["input"].get("loras", [])}
+    for seed, name in enumerate(sorted(names)):
+        save_lora(*make_lora(tiny_model, seed=seed), folder / name, "kohya")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def api(tiny_model: Path, lora_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalAPI]:
+    """conftest's local API, with the README's LoRAs in its LORA_DIRS."""
+    env = worker_env(tiny_model, LORA_DIRS=str(lora_dir))
+    with local_api(env, tmp_path_factory.mktemp("logs") / "readme-api.log") as server:
+        yield server
 
 
 def test_the_two_commands_exist():
@@ -57,6 +84,6 @@ def test_example_through_the_local_api(api, job):
 
 
 @pytest.mark.parametrize("job", readme_examples(), ids=lambda job: job["input"]["prompt"][:20])
-def test_example_through_test_input(tiny_model, job):
-    done = run_cli(worker_env(tiny_model), "--test_input", json.dumps(offline(job)))
+def test_example_through_test_input(tiny_model, lora_dir, job):
+    done = run_cli(worker_env(tiny_model, LORA_DIRS=str(lora_dir)), "--test_input", json.dumps(offline(job)))
     assert done.returncode == 0, done.stdout[-3000:]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from src.settings import Settings, SettingsError
@@ -23,6 +25,9 @@ def test_defaults():
     assert not settings.storage_enabled and settings.safety_enabled
     assert not settings.report_progress
     assert settings.max_concurrency == 2
+    assert settings.lora_dirs == ("/runpod-volume/loras", "/loras")
+    assert settings.lora_cache_dir is None
+    assert (settings.lora_cache_gb, settings.lora_max_mb, settings.lora_max_loaded) == (20.0, 1024, 6)
 
 
 def test_every_variable_is_read():
@@ -37,6 +42,11 @@ def test_every_variable_is_read():
             "BUCKET_ADDRESSING_STYLE": "virtual",
             "RUNPOD_WEBHOOK_POST_OUTPUT": "https://api.runpod.ai/v2/x/job-done",
             "MAX_CONCURRENCY": "1",
+            "LORA_DIRS": "/data/loras: /more/loras",
+            "LORA_CACHE_DIR": "/data/lora-cache",
+            "LORA_CACHE_GB": "2.5",
+            "LORA_MAX_MB": "300",
+            "LORA_MAX_LOADED": "2",
             **BUCKET,
         }
     )
@@ -47,6 +57,16 @@ def test_every_variable_is_read():
     assert (settings.bucket_region, settings.bucket_addressing_style) == ("eu-west-1", "virtual")
     assert settings.report_progress
     assert settings.max_concurrency == 1
+    assert settings.lora_dirs == ("/data/loras", "/more/loras")
+    assert str(settings.lora_cache_path) == "/data/lora-cache"
+    assert (settings.lora_cache_gb, settings.lora_max_mb, settings.lora_max_loaded) == (2.5, 300, 2)
+
+
+def test_the_lora_cache_is_on_the_volume_only_when_one_is_mounted(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    volume = Path("/runpod-volume")
+    expected = volume / "lora-cache" if volume.is_dir() else tmp_path / ".cache/zimage-loras"
+    assert Settings.from_env({}).lora_cache_path == expected
 
 
 def test_blank_values_mean_default():
@@ -69,6 +89,14 @@ def test_blank_values_mean_default():
         ({"MAX_CONCURRENCY": "2.5"}, "MAX_CONCURRENCY"),
         ({"MAX_CONCURRENCY": "-1"}, "MAX_CONCURRENCY"),
         ({"MAX_CONCURRENCY": "two"}, "MAX_CONCURRENCY"),
+        ({"LORA_DIRS": "loras:/loras"}, "LORA_DIRS"),
+        ({"LORA_CACHE_DIR": "cache"}, "LORA_CACHE_DIR"),
+        ({"LORA_CACHE_GB": "-1"}, "LORA_CACHE_GB"),
+        ({"LORA_CACHE_GB": "lots"}, "LORA_CACHE_GB"),
+        ({"LORA_MAX_MB": "0"}, "LORA_MAX_MB"),
+        ({"LORA_MAX_MB": "1.5"}, "LORA_MAX_MB"),
+        ({"LORA_MAX_LOADED": "0"}, "LORA_MAX_LOADED"),
+        ({"LORA_MAX_LOADED": "65"}, "LORA_MAX_LOADED"),
         ({**BUCKET, "BUCKET_ENDPOINT_URL": "not a url"}, "BUCKET_ENDPOINT_URL"),
         ({**BUCKET, "BUCKET_ENDPOINT_URL": "ftp://host"}, "BUCKET_ENDPOINT_URL"),
         ({**BUCKET, "BUCKET_ENDPOINT_URL": "https://user:pw@host"}, "BUCKET_ENDPOINT_URL"),
