@@ -1,14 +1,21 @@
-"""What every download from a caller's URL shares (input pictures, LoRA files): the user agent,
-the watchdog's way to end a stalled read, and URLs shown without their query (tokens)."""
+"""Downloads from a caller's URL (input pictures, LoRA files): one SSRF-safe, capped stream
+with one set of error messages, and URLs shown without their query (tokens, signatures)."""
 
 from __future__ import annotations
 
 import contextlib
 import re
 import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from requests import Response
+from requests import RequestException, Response
+from runpod.serverless.utils.rp_ssrf import SSRFError, iter_content_capped, safe_get
+
+from src.errors import JobError
 
 USER_AGENT = "zimage-turbo-worker (+https://github.com/runpod-workers)"
 
@@ -30,3 +37,52 @@ def without_query(text: str) -> str:
         return f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}{path}"
 
     return re.sub(r"https?://[^\s'\"]+", strip, text)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_bytes: int
+    seconds: float  # for the whole download, however the host paces it
+    cap: str  # the size cap as errors name it, e.g. "the 32 MiB cap"
+    read_timeout: float = 10.0
+    chunk_bytes: int = 1 << 16
+
+
+def stream(url: str, field: str, shown: str, limits: Limits) -> Iterator[bytes]:
+    """The body of a public URL in chunks, within `limits`; every failure is a JobError that
+    names `field` and the cap or step (`shown` is the URL as errors may show it).
+
+    The Runpod SDK's `safe_get` refuses private addresses and re-checks every redirect. A
+    host that sends a byte every few seconds never trips a read timeout, so a watchdog shuts
+    the socket at the deadline.
+    """
+    deadline = time.monotonic() + limits.seconds
+    too_slow = f"{field}: fetching {shown} took over {limits.seconds:g} s"
+    try:
+        with safe_get(
+            url,
+            timeout=(5, limits.read_timeout),
+            max_bytes=limits.max_bytes,
+            headers={"User-Agent": USER_AGENT},
+        ) as response:
+            if response.status_code >= 400:
+                raise JobError(f"{field}: fetching {shown} failed with HTTP {response.status_code}")
+            watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), shut, args=(response,))
+            watchdog.daemon = True
+            watchdog.start()
+            try:
+                yield from iter_content_capped(response, limits.chunk_bytes, limits.max_bytes)
+            finally:
+                watchdog.cancel()
+            if time.monotonic() > deadline:
+                raise JobError(too_slow)
+    except SSRFError as err:
+        reason = without_query(str(err))
+        if "size cap" in reason:
+            raise JobError(f"{field}: {shown} is over {limits.cap}") from None
+        raise JobError(f"{field}: {shown} is refused: {reason}") from None
+    except RequestException as err:
+        if time.monotonic() > deadline:
+            raise JobError(too_slow) from None
+        kind = "timed out" if "timeout" in type(err).__name__.lower() else "could not be fetched"
+        raise JobError(f"{field}: {shown} {kind} ({type(err).__name__})") from None

@@ -14,17 +14,13 @@ import base64
 import binascii
 import io
 import re
-import threading
-import time
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from PIL import Image, ImageOps
-from requests import RequestException
-from runpod.serverless.utils.rp_ssrf import SSRFError, iter_content_capped, safe_get
 
-from src.downloads import USER_AGENT, shut, without_query
+from src.downloads import Limits, stream, without_query
 from src.errors import JobError
 
 if TYPE_CHECKING:
@@ -108,37 +104,8 @@ def decode_base64(value: str, field: str = "image") -> bytes:
 
 def fetch_url(url: str, field: str = "image") -> bytes:
     """Download within the size and time caps; every failure says which cap or step."""
-    shown = without_query(url)
-    deadline = time.monotonic() + DOWNLOAD_SECONDS
-    too_slow = f"{field}: fetching {shown} took over {DOWNLOAD_SECONDS:g} s"
-    try:
-        with safe_get(
-            url, timeout=(5, 10), max_bytes=MAX_BYTES, headers={"User-Agent": USER_AGENT}
-        ) as response:
-            if response.status_code >= 400:
-                raise JobError(f"{field}: fetching {shown} failed with HTTP {response.status_code}")
-            # A chunk comes back only once 64 KiB have arrived, and a host that sends a byte every
-            # few seconds never trips the read timeout: at the deadline the socket is shut instead.
-            watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), shut, args=(response,))
-            watchdog.daemon = True
-            watchdog.start()
-            try:
-                data = b"".join(iter_content_capped(response, 1 << 16, MAX_BYTES))
-            finally:
-                watchdog.cancel()
-            if time.monotonic() > deadline:
-                raise JobError(too_slow)
-            return data
-    except SSRFError as err:
-        reason = without_query(str(err))
-        if "size cap" in reason:
-            raise JobError(f"{field}: {shown} is over the {MAX_BYTES // 2**20} MiB cap") from None
-        raise JobError(f"{field}: {shown} is refused: {reason}") from None
-    except RequestException as err:
-        if time.monotonic() > deadline:
-            raise JobError(too_slow) from None
-        kind = "timed out" if "timeout" in type(err).__name__.lower() else "could not be fetched"
-        raise JobError(f"{field}: {shown} {kind} ({type(err).__name__})") from None
+    limits = Limits(MAX_BYTES, DOWNLOAD_SECONDS, f"the {MAX_BYTES // 2**20} MiB cap")
+    return b"".join(stream(url, field, without_query(url), limits))
 
 
 def open_image(data: bytes, field: str = "image") -> Image.Image:

@@ -22,14 +22,12 @@ import re
 import struct
 import threading
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from requests import RequestException
-from runpod.serverless.utils.rp_ssrf import SSRFError, iter_content_capped, safe_get
-
-from src.downloads import USER_AGENT, shut, without_query
+from src.downloads import Limits, stream, without_query
 from src.errors import JobError
 from src.gpu import Stop
 
@@ -37,7 +35,9 @@ log = logging.getLogger(__name__)
 
 MAX_LORAS = 3
 DOWNLOAD_SECONDS = 300.0
-PICKLE_EXTENSIONS = (".ckpt", ".pt", ".bin", ".pth", ".pkl")
+# Refused by name before any byte is fetched (patterns, as the weights' skip lists write them).
+PICKLE_PATTERNS = ("*.ckpt", "*.pt", "*.bin", "*.pth", "*.pkl")
+PICKLE_EXTENSIONS = tuple(pattern.removeprefix("*") for pattern in PICKLE_PATTERNS)
 FILE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}\.safetensors", flags=re.ASCII)
 LORA_PATH_RULE = (
     "an http(s) URL of a .safetensors LoRA (a download link without a file extension, like "
@@ -160,52 +160,32 @@ class LoraFiles:
         return target
 
     def _download(self, index: int, url: str, target: Path, stop: Stop) -> None:
-        name, shown = f"loras[{index}]", shown_path(url)
-        deadline = time.monotonic() + DOWNLOAD_SECONDS
-        too_slow = f"{name}: fetching {shown} took over {DOWNLOAD_SECONDS:g} s"
+        name = f"loras[{index}]"
+        limits = Limits(
+            self.max_bytes,
+            DOWNLOAD_SECONDS,
+            f"the LORA_MAX_MB cap of {self.max_bytes >> 20} MiB",
+            30,
+            1 << 20,
+        )
         partial = target.with_name(f".{target.stem}.{os.getpid()}.{threading.get_ident()}.part")
         try:
-            with (
-                safe_get(
-                    url, timeout=(5, 30), max_bytes=self.max_bytes, headers={"User-Agent": USER_AGENT}
-                ) as response,
-                open(partial, "wb") as out,
-            ):
-                if response.status_code >= 400:
-                    raise JobError(f"{name}: fetching {shown} failed with HTTP {response.status_code}")
-                # As for images: a host trickling bytes never trips the read timeout; the deadline shuts it.
-                watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), shut, args=(response,))
-                watchdog.daemon = True
-                watchdog.start()
+            # closing(): a refused header or a stop ends the download (and its socket) at once.
+            with open(partial, "wb") as out, closing(stream(url, name, shown_path(url), limits)) as body:
                 head = b""
-                try:
-                    for chunk in iter_content_capped(response, 1 << 20, self.max_bytes):
-                        stop.check()
-                        if head is not None:
-                            head += chunk
-                            if check_safetensors_head(name, head):
-                                head = None  # the header is whole and valid
-                        out.write(chunk)
-                finally:
-                    watchdog.cancel()
-                if time.monotonic() > deadline:
-                    raise JobError(too_slow)
+                for chunk in body:
+                    stop.check()
+                    if head is not None:
+                        head += chunk
+                        if check_safetensors_head(name, head):
+                            head = None  # the header is whole and valid
+                    out.write(chunk)
                 if head is not None:
-                    raise JobError(f"{name}: {shown} is not a safetensors file (it ended inside its header)")
+                    raise JobError(
+                        f"{name}: {shown_path(url)} is not a safetensors file (it ended inside its header)"
+                    )
             check_safetensors_file(name, partial)
             os.replace(partial, target)  # atomic: readers see the old file or the whole new one
-        except SSRFError as err:
-            reason = without_query(str(err))
-            if "size cap" in reason:
-                raise JobError(
-                    f"{name}: {shown} is over the LORA_MAX_MB cap of {self.max_bytes >> 20} MiB"
-                ) from None
-            raise JobError(f"{name}: {shown} is refused: {reason}") from None
-        except RequestException as err:
-            if time.monotonic() > deadline:
-                raise JobError(too_slow) from None
-            kind = "timed out" if "timeout" in type(err).__name__.lower() else "could not be fetched"
-            raise JobError(f"{name}: {shown} {kind} ({type(err).__name__})") from None
         finally:
             partial.unlink(missing_ok=True)
 
