@@ -83,6 +83,24 @@ near_rules = {
     "guidance_scale": st.floats(-1, 25) | st.sampled_from([0, 20, "1", True, math.nan, math.inf]),
     "negative_prompt": st.text(max_size=30) | st.sampled_from(["b" * 4001, None]),
     "output_quality": st.integers(-1, 102) | st.sampled_from([95.0, "95", True]),
+    # No generated LoRA path is ever fetched: file names (absent from LORA_DIRS) and URLs the
+    # SSRF rules refuse before any connection.
+    "loras": st.sampled_from(
+        [
+            [],
+            [{"path": "style.safetensors"}],
+            [{"path": "style.safetensors", "scale": 5}],
+            [{"path": "style.safetensors", "scale": "1"}],
+            [{"path": "../style.safetensors"}],
+            [{"path": "style.ckpt"}],
+            [{"path": "http://10.0.0.1/style.safetensors"}],
+            [{"path": "a.safetensors"}, {"path": "a.safetensors"}],
+            [{"path": "a.safetensors", "weight": 1}],
+            [{"path": f"l{i}.safetensors"} for i in range(4)],
+            [1],
+            "style.safetensors",
+        ]
+    ),
 }
 field_values = st.sampled_from(list(FIELDS)).flatmap(
     lambda name: st.tuples(st.just(name), near_rules[name] | json_values)
