@@ -72,9 +72,8 @@ class Worker:
     storage: Storage | None
     loras: LoraAdapters
     gpu: GpuStage = field(default_factory=GpuStage)
-    depth: DepthEstimator | None = (
-        None  # control_preprocess "depth"; None without a ControlNet or DEPTH_MODEL
-    )
+    # control_preprocess "depth"; None without a ControlNet or with DEPTH_MODEL=none.
+    depth: DepthEstimator | None = None
 
     @classmethod
     def start(cls, settings: Settings, roots: SearchRoots | None = None) -> Worker:
