@@ -303,3 +303,35 @@ def test_depth_off_is_refused_naming_control_preprocess(worker10):
 )
 def test_bad_control_requests_name_the_field(worker21, fields, says):
     assert failure(worker21, **fields).startswith(says)
+
+
+@pytest.fixture(scope="module")
+def worker20(tiny_model, releases) -> Worker:
+    """A 2.0 ControlNet (its refiner hints come from its control layers) from the folder holding the file."""
+    settings = Settings(
+        model=str(tiny_model),
+        safety_checker_model="none",
+        controlnet_model=str(releases["2.0"][1].parent),
+        depth_model="none",
+    )
+    return Worker.start(settings)
+
+
+def test_a_2_0_controlnet_with_guidance_equals_diffusers(worker20, tiny_model, releases):
+    fields = {"guidance_scale": 2.0, "negative_prompt": "blurry", "control_preprocess": "canny"}
+    output = run(worker20, **fields)
+    pipe = diffusers_pipeline(ZImageControlNetPipeline, tiny_model, releases["2.0"][0])
+    expected = pipe(
+        prompt=JOB["prompt"],
+        negative_prompt="blurry",
+        control_image=load_control(parse_request({**JOB, **fields})),
+        controlnet_conditioning_scale=0.75,
+        height=256,
+        width=256,
+        num_inference_steps=2,
+        guidance_scale=2.0,
+        generator=[torch.Generator().manual_seed(3)],
+        output_type="np",
+    ).images[0]
+    assert np.abs(pixels(output) - np.round(expected * 255)).max() <= 2
+    assert pixels(run(worker20, image=IMAGE, mask=MASK)).shape == (256, 256, 3)  # 2.0 inpaints too
