@@ -139,9 +139,15 @@ class ZImageGenerator:
         callers use are built (or read from the on-disk cache) before the first job.
         """
         sizes = PRESET_SIZES if compiled else ("512*512",)
+        # With a ControlNet, its pipeline too: the transformer then runs with hints added, another graph.
+        control = "text-to-image with control" in self.pipelines
         for size in sizes:
             request = GenerateRequest(prompt="warm-up", size=size, num_inference_steps=2)
             self.generate(request, seed=0, clock=Stopwatch(self.device))
+            if control:
+                request = request.model_copy(update={"control_image": "warm-up"})
+                grey = Inputs(control=Image.new("RGB", (request.width, request.height), (128, 128, 128)))
+                self.generate(request, seed=0, clock=Stopwatch(self.device), inputs=grey)
 
     def generate(
         self,

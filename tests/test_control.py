@@ -335,3 +335,14 @@ def test_a_2_0_controlnet_with_guidance_equals_diffusers(worker20, tiny_model, r
     ).images[0]
     assert np.abs(pixels(output) - np.round(expected * 255)).max() <= 2
     assert pixels(run(worker20, image=IMAGE, mask=MASK)).shape == (256, 256, 3)  # 2.0 inpaints too
+
+
+def test_warm_up_runs_the_control_pipeline_too(worker21):
+    calls: list[int] = []
+    controlnet = worker21.generator.pipelines["text-to-image with control"].controlnet
+    hook = controlnet.register_forward_hook(lambda module, args, out: calls.append(1))
+    try:
+        worker21.generator.warm_up()
+    finally:
+        hook.remove()
+    assert len(calls) == 2  # two steps of the 512x512 warm-up job
