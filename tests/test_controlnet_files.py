@@ -14,6 +14,8 @@ from safetensors.torch import save_file
 from src.controlnet import load_controlnet, load_release
 from src.controlnet_configs import CONTROL_CONFIGS, detect_version, release_config
 from src.model_files import ModelNotFound, SearchRoots
+from src.settings import Settings
+from src.worker import Worker
 from tests.tiny_controlnets import save_controlnet
 
 VERSIONS = ("1.0", "2.0", "2.1")
@@ -133,3 +135,21 @@ def test_corrupt_or_foreign_weights_stop_the_start(releases, transformer, tmp_pa
     (folder / "config.json").write_text(json.dumps({**config, "n_heads": 4, "n_kv_heads": 4}))
     with pytest.raises(ModelNotFound, match="does not fit ZIMAGE_MODEL's transformer: n_heads"):
         load_controlnet(str(folder), transformer, torch.float32)
+
+
+def test_a_missing_depth_model_stops_the_start_and_none_skips_it(tiny_model, releases, tmp_path):
+    settings = Settings(
+        model=str(tiny_model),
+        safety_checker_model="none",
+        controlnet_model=str(releases["1.0"][1]),
+        depth_model=str(tmp_path / "no-depth"),
+    )
+    with pytest.raises(ModelNotFound) as caught:
+        Worker.start(settings, nowhere(tmp_path))
+    assert str(caught.value).startswith(f"DEPTH_MODEL: no complete model for '{tmp_path / 'no-depth'}'")
+    # Without a ControlNet the depth model is never looked for.
+    plain = Worker.start(Settings(model=str(tiny_model), safety_checker_model="none", depth_model="/nowhere"))
+    assert plain.depth is None and set(plain.generator.refusals) == {
+        "text-to-image with control",
+        "inpainting with control",
+    }
