@@ -43,18 +43,31 @@ RUN pip install --no-cache-dir "torch==2.13.0" --index-url "$TORCH_INDEX_URL" \
 #    Pin the revisions (a commit hash) for reproducible images: "" means the main branch.
 #    BAKE_WEIGHTS: 1 both models; safety the 0.3 GB checker only (an endpoint's cached model
 #    is limited to one repo: Z-Image); 0 none (a network volume holds both).
+#    CONTROLNET_REPO bakes one single-file ControlNet release (CONTROLNET_FILE, default
+#    <repo name>.safetensors; 2.1 is 6.7 GB) and DEPTH_REPO beside it; none: no control.
 ARG ZIMAGE_REPO=Tongyi-MAI/Z-Image-Turbo
 ARG ZIMAGE_REVISION=
 ARG SAFETY_REPO=Falconsai/nsfw_image_detection
 ARG SAFETY_REVISION=
 ARG BAKE_WEIGHTS=1
+ARG CONTROLNET_REPO=none
+ARG CONTROLNET_FILE=
+ARG CONTROLNET_REVISION=
+ARG DEPTH_REPO=depth-anything/Depth-Anything-V2-Small-hf
+ARG DEPTH_REVISION=
 COPY builder/download_weights.py /opt/builder/download_weights.py
 RUN case "$BAKE_WEIGHTS" in \
       1) python /opt/builder/download_weights.py --dest /models \
            --zimage-repo "$ZIMAGE_REPO" --zimage-revision "$ZIMAGE_REVISION" \
-           --safety-repo "$SAFETY_REPO" --safety-revision "$SAFETY_REVISION" ;; \
+           --safety-repo "$SAFETY_REPO" --safety-revision "$SAFETY_REVISION" \
+           --controlnet-repo "$CONTROLNET_REPO" --controlnet-file "$CONTROLNET_FILE" \
+           --controlnet-revision "$CONTROLNET_REVISION" \
+           --depth-repo "$DEPTH_REPO" --depth-revision "$DEPTH_REVISION" ;; \
       safety) python /opt/builder/download_weights.py --dest /models --zimage-repo none \
-           --safety-repo "$SAFETY_REPO" --safety-revision "$SAFETY_REVISION" ;; \
+           --safety-repo "$SAFETY_REPO" --safety-revision "$SAFETY_REVISION" \
+           --controlnet-repo "$CONTROLNET_REPO" --controlnet-file "$CONTROLNET_FILE" \
+           --controlnet-revision "$CONTROLNET_REVISION" \
+           --depth-repo "$DEPTH_REPO" --depth-revision "$DEPTH_REVISION" ;; \
       0) echo "BAKE_WEIGHTS=0: no weights in the image (Runpod cached models or a network volume)" ;; \
       *) echo "BAKE_WEIGHTS must be 1, safety or 0, got '$BAKE_WEIGHTS'" >&2; exit 1 ;; \
     esac
@@ -63,6 +76,8 @@ RUN case "$BAKE_WEIGHTS" in \
 # (weights missing from every local place stop it at start, with where it looked).
 ENV ZIMAGE_MODEL=$ZIMAGE_REPO \
     SAFETY_CHECKER_MODEL=$SAFETY_REPO \
+    CONTROLNET_MODEL=$CONTROLNET_REPO \
+    DEPTH_MODEL=$DEPTH_REPO \
     HF_HUB_OFFLINE=1 \
     HF_HUB_DISABLE_TELEMETRY=1
 

@@ -44,8 +44,12 @@ PIPELINE_PATTERNS = [
     "*/*.safetensors",
     "*/*.safetensors.index.json",
 ]
-# What `AutoModelForImageClassification` and `AutoImageProcessor` read.
+# What `AutoModelForImageClassification` and `AutoImageProcessor` read (and the depth-estimation
+# classes: Depth Anything's repo has the same files).
 CLASSIFIER_PATTERNS = ["config.json", "preprocessor_config.json", "*.safetensors", "*.safetensors.index.json"]
+# A diffusers-format ControlNet (`ZImageControlNetModel.from_pretrained`); alibaba-pai's repos
+# instead hold several single-file releases, of which `--controlnet-file` picks one.
+CONTROLNET_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json"]
 # Never fetched, even where an allow pattern such as "tokenizer/*" would match: pickles run
 # code when loaded, and the other formats are not read by this worker.
 NEVER = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.onnx", "*.onnx_data", "*.gguf", "*.msgpack", "*.h5"]
@@ -75,6 +79,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--safety-revision", type=_revision, default=None, help="branch, tag or commit")
     parser.add_argument(
+        "--controlnet-repo",
+        type=_none_if_empty,
+        default="none",
+        help="Z-Image-Turbo Fun ControlNet Union repo id, or 'none' (the default) to bake no ControlNet",
+    )
+    parser.add_argument(
+        "--controlnet-file",
+        type=_revision,
+        default=None,
+        help="the single-file release to take from that repo (default: <repo name>.safetensors)",
+    )
+    parser.add_argument("--controlnet-revision", type=_revision, default=None, help="branch, tag or commit")
+    parser.add_argument(
+        "--depth-repo",
+        type=_none_if_empty,
+        default="none",
+        help="depth-estimation repo id for control_preprocess 'depth', baked only with a ControlNet",
+    )
+    parser.add_argument("--depth-revision", type=_revision, default=None, help="branch, tag or commit")
+    parser.add_argument(
         "--bf16-components",
         nargs="*",
         default=list(BF16_COMPONENTS),
@@ -85,14 +109,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--endpoint", default=None, help="Hub address (default: HF_ENDPOINT or huggingface.co)"
     )
     args = parser.parse_args(argv)
-    for option in ("zimage_repo", "safety_repo"):
+    for option in ("zimage_repo", "safety_repo", "controlnet_repo", "depth_repo"):
         repo = getattr(args, option)
         if repo.lower() != "none" and repo.count("/") != 1:
             parser.error(
                 f"--{option.replace('_', '-')}: {repo!r} is not a repo id of the form Org/Name (or none)"
             )
-    if args.zimage_repo.lower() == args.safety_repo.lower() == "none":
-        parser.error("--zimage-repo and --safety-repo are both 'none': there is nothing to bake")
+    if args.zimage_repo.lower() == args.safety_repo.lower() == args.controlnet_repo.lower() == "none":
+        parser.error(
+            "--zimage-repo and --safety-repo are both 'none': there is nothing to bake "
+            "(and no --controlnet-repo)"
+        )
     if args.retries < 1:
         parser.error(f"--retries: {args.retries} is not allowed: use 1 or more")
     return args
@@ -102,19 +129,36 @@ def _revision(value: str) -> str | None:
     return value.strip() or None
 
 
-def allow_patterns(kind: str) -> list[str]:
-    """The files to fetch for a `pipeline` (diffusers) or a `classifier` (transformers) repo."""
-    patterns = {"pipeline": PIPELINE_PATTERNS, "classifier": CLASSIFIER_PATTERNS}
+def _none_if_empty(value: str) -> str:
+    # An unset Docker build arg arrives as "": nothing to bake.
+    return value.strip() or "none"
+
+
+def allow_patterns(kind: str, file: str | None = None) -> list[str]:
+    """The files to fetch for a `pipeline` (diffusers), `classifier` (transformers) or `controlnet` repo.
+
+    For a ControlNet, `file` names the one single-file release to take (it must be safetensors).
+    """
+    patterns = {
+        "pipeline": PIPELINE_PATTERNS,
+        "classifier": CLASSIFIER_PATTERNS,
+        "controlnet": CONTROLNET_PATTERNS,
+    }
     if kind not in patterns:
-        raise ValueError(f"kind: {kind!r} is not allowed: use 'pipeline' or 'classifier'")
+        raise ValueError(f"kind: {kind!r} is not allowed: use 'pipeline', 'classifier' or 'controlnet'")
+    if kind == "controlnet" and file is not None:
+        if not file.endswith(".safetensors") or "/" in file or ".." in file:
+            raise ValueError(f"file: {file!r} is not allowed: name one .safetensors file at the repo's root")
+        return [file]
     return list(patterns[kind])
 
 
-def selected_files(names: Iterable[str], kind: str) -> list[str]:
+def selected_files(names: Iterable[str], kind: str, file: str | None = None) -> list[str]:
     """Which of a repo's file names `download` fetches (the filter snapshot_download applies)."""
     from huggingface_hub.utils import filter_repo_objects
 
-    return list(filter_repo_objects(list(names), allow_patterns=allow_patterns(kind), ignore_patterns=NEVER))
+    patterns = allow_patterns(kind, file)
+    return list(filter_repo_objects(list(names), allow_patterns=patterns, ignore_patterns=NEVER))
 
 
 class IncompleteDownload(RuntimeError):
@@ -133,6 +177,7 @@ def download(
     retries: int = 5,
     endpoint: str | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    file: str | None = None,
 ) -> str:
     """Fetch the files `kind` needs into `dest`; returns the commit they came from.
 
@@ -149,13 +194,13 @@ def download(
     for attempt in range(1, retries + 1):
         try:
             info = api.model_info(repo_id, revision=revision)
-            wanted = selected_files((sibling.rfilename for sibling in info.siblings or []), kind)
+            wanted = selected_files((sibling.rfilename for sibling in info.siblings or []), kind, file)
             _check_selection(repo_id, kind, wanted)
             snapshot_download(
                 repo_id,
                 revision=info.sha,
                 local_dir=dest,
-                allow_patterns=allow_patterns(kind),
+                allow_patterns=allow_patterns(kind, file),
                 ignore_patterns=NEVER,
                 endpoint=endpoint,
             )
@@ -183,6 +228,12 @@ def download(
 
 def _check_selection(repo_id: str, kind: str, wanted: list[str]) -> None:
     """Patterns that match nothing download nothing, silently: fail the build here instead."""
+    if kind == "controlnet":
+        if not any(name.endswith(".safetensors") for name in wanted):
+            raise NotAModel(
+                f"{repo_id}: no such safetensors ControlNet release (or diffusers folder) to fetch"
+            )
+        return
     index = "model_index.json" if kind == "pipeline" else "config.json"
     if index not in wanted or not any(name.endswith(".safetensors") for name in wanted):
         what = "a diffusers pipeline" if kind == "pipeline" else "a transformers model"
@@ -287,6 +338,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.safety_repo.lower() != "none":
         checker = repo_folder(args.dest, args.safety_repo)
         download(args.safety_repo, args.safety_revision, checker, "classifier", args.retries, args.endpoint)
+
+    # 3. The ControlNet (one release file, as published: bf16), and the depth model beside it.
+    if args.controlnet_repo.lower() != "none":
+        name = args.controlnet_repo.split("/")[-1]
+        file = args.controlnet_file or f"{name}.safetensors"
+        folder = repo_folder(args.dest, args.controlnet_repo)
+        download(
+            args.controlnet_repo,
+            args.controlnet_revision,
+            folder,
+            "controlnet",
+            args.retries,
+            args.endpoint,
+            file=file,
+        )
+        if args.depth_repo.lower() != "none":
+            depth = repo_folder(args.dest, args.depth_repo)
+            download(args.depth_repo, args.depth_revision, depth, "classifier", args.retries, args.endpoint)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Input pictures (`image`, `mask`): decode a data URI, bare base64 or a public URL.
+"""Input pictures (`image`, `mask`, `control_image`): decode a data URI, bare base64 or a public URL.
 
 One loader serves every picture field of a request; `field` names it in every error.
 
@@ -43,6 +43,8 @@ class Inputs:
 
     image: Image.Image | None = None
     mask: Image.Image | None = None
+    # The control map, fitted and preprocessed (src/control_preprocess.py); loaded beside the others.
+    control: Image.Image | None = None
 
 
 def load_inputs(request: GenerateRequest) -> Inputs:

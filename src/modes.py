@@ -1,7 +1,7 @@
 """Modes: the pictures a request carries pick a mode; a mode is a pipeline and what it adds.
 
 Every mode's pipeline is a view over the one set of loaded components (pipeline.py builds them
-once). Adding a mode (control, inpainting with control) is a row in MODES and, when it needs one,
+once; the control rows add the ControlNet). Adding a mode is a row in MODES and, when it needs one,
 a picture field in PICTURE_FIELDS; the job flow does not change. request.py's validators refuse
 every combination of pictures that has no row.
 """
@@ -13,13 +13,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import DiffusionPipeline, ZImageImg2ImgPipeline, ZImageInpaintPipeline, ZImagePipeline
+from diffusers import (
+    DiffusionPipeline,
+    ZImageControlNetInpaintPipeline,
+    ZImageControlNetPipeline,
+    ZImageImg2ImgPipeline,
+    ZImageInpaintPipeline,
+    ZImagePipeline,
+)
 
 from src.inpaint import composite
 from src.input_image import Inputs
 from src.request import GenerateRequest
 
-PICTURE_FIELDS = ("image", "mask")
+PICTURE_FIELDS = ("image", "mask", "control_image")
 
 Arguments = Callable[[Inputs, GenerateRequest], dict[str, Any]]
 Finish = Callable[[torch.Tensor, Inputs], torch.Tensor]
@@ -33,6 +40,8 @@ class Mode:
     arguments: Arguments
     # A last step on the decoded images, on the device, before the safety checker.
     finish: Finish | None = None
+    # Built with the ControlNet (CONTROLNET_MODEL) beside the shared components; absent without one.
+    control: bool = False
 
 
 def _nothing(inputs: Inputs, request: GenerateRequest) -> dict[str, Any]:
@@ -50,10 +59,31 @@ def _from_image_and_mask(inputs: Inputs, request: GenerateRequest) -> dict[str, 
     return {**_from_image(inputs, request), "mask_image": inputs.mask}
 
 
+def _with_control(inputs: Inputs, request: GenerateRequest) -> dict[str, Any]:
+    # One prepared control map for the batch: the pipeline repeats it for every image.
+    return {"control_image": inputs.control, "controlnet_conditioning_scale": request.control_scale}
+
+
+def _inpaint_with_control(inputs: Inputs, request: GenerateRequest) -> dict[str, Any]:
+    # No strength: this pipeline regenerates the masked area from noise (request.py refuses one).
+    return {**_with_control(inputs, request), "image": inputs.image, "mask_image": inputs.mask}
+
+
 MODES: dict[frozenset[str], Mode] = {
     frozenset(): Mode("text-to-image", ZImagePipeline, _nothing),
     frozenset({"image"}): Mode("image-to-image", ZImageImg2ImgPipeline, _from_image),
     frozenset({"image", "mask"}): Mode("inpainting", ZImageInpaintPipeline, _from_image_and_mask, composite),
+    frozenset({"control_image"}): Mode(
+        "text-to-image with control", ZImageControlNetPipeline, _with_control, control=True
+    ),
+    # The kept area is put back exactly, as in plain inpainting.
+    frozenset({"image", "mask", "control_image"}): Mode(
+        "inpainting with control",
+        ZImageControlNetInpaintPipeline,
+        _inpaint_with_control,
+        composite,
+        control=True,
+    ),
 }
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline, ZImagePipeline
+from diffusers import DiffusionPipeline, ZImageControlNetModel, ZImagePipeline
 from PIL import Image
 from safetensors import SafetensorError
 
@@ -60,18 +60,45 @@ def load_pipeline(folder: Path, dtype: torch.dtype) -> ZImagePipeline:
 
 
 class ZImageGenerator:
-    def __init__(self, text_to_image: ZImagePipeline, device: torch.device) -> None:
+    def __init__(
+        self,
+        text_to_image: ZImagePipeline,
+        device: torch.device,
+        controlnet: ZImageControlNetModel | None = None,
+    ) -> None:
         self.device = device
         self.text_to_image = text_to_image
         # Every other mode's pipeline is built from the same component objects: no second copy
         # of any weight, and no dtype change (`from_pipe` without an explicit dtype would cast
-        # them to fp32).
-        self.pipelines: dict[str, DiffusionPipeline] = {
-            mode.name: text_to_image
-            if isinstance(text_to_image, mode.pipeline)
-            else mode.pipeline(**text_to_image.components)
-            for mode in MODES.values()
-        }
+        # them to fp32). The control modes add the ControlNet, which the pipeline hands the
+        # transformer's embedders and refiners (`from_transformer`): shared, not copied.
+        self.pipelines: dict[str, DiffusionPipeline] = {}
+        # Why a mode has no pipeline on this worker, as the job's error (names control_image).
+        self.refusals: dict[str, str] = {}
+        for mode in MODES.values():
+            if not mode.control:
+                self.pipelines[mode.name] = (
+                    text_to_image
+                    if isinstance(text_to_image, mode.pipeline)
+                    else mode.pipeline(**text_to_image.components)
+                )
+            elif controlnet is None:
+                self.refusals[mode.name] = (
+                    "control_image: this worker has no ControlNet (started with CONTROLNET_MODEL=none): "
+                    "leave 'control_image' out, or send the job to a worker with CONTROLNET_MODEL set"
+                )
+            else:
+                try:
+                    self.pipelines[mode.name] = mode.pipeline(
+                        **text_to_image.components, controlnet=controlnet
+                    )
+                except ValueError:  # diffusers' refusal of a 1.0 ControlNet for inpainting
+                    width = controlnet.config.control_in_dim
+                    self.refusals[mode.name] = (
+                        f"control_image: {mode.name} needs a 2.x ControlNet (it takes the mask and the "
+                        f"masked image); this worker's is 1.0 (control_in_dim {width}): "
+                        "leave 'image' and 'mask' out for text-to-image with control"
+                    )
         for pipe in self.pipelines.values():
             pipe.set_progress_bar_config(disable=True)
         self.prompts = PromptEncoder(text_to_image, device)
@@ -112,9 +139,15 @@ class ZImageGenerator:
         callers use are built (or read from the on-disk cache) before the first job.
         """
         sizes = PRESET_SIZES if compiled else ("512*512",)
+        # With a ControlNet, its pipeline too: the transformer then runs with hints added, another graph.
+        control = "text-to-image with control" in self.pipelines
         for size in sizes:
             request = GenerateRequest(prompt="warm-up", size=size, num_inference_steps=2)
             self.generate(request, seed=0, clock=Stopwatch(self.device))
+            if control:
+                request = request.model_copy(update={"control_image": "warm-up"})
+                grey = Inputs(control=Image.new("RGB", (request.width, request.height), (128, 128, 128)))
+                self.generate(request, seed=0, clock=Stopwatch(self.device), inputs=grey)
 
     def generate(
         self,

@@ -132,6 +132,22 @@ class GenerateRequest(BaseModel):
         max_length=MAX_LORAS,
         description=f'a list of 0 to {MAX_LORAS} objects {{"path": ..., "scale": ...}}',
     )
+    control_image: str | None = Field(
+        default=None,
+        min_length=1,
+        description="an http(s) URL, a data:image/...;base64, URI or bare base64 of a control map (or, "
+        "with 'control_preprocess', of a picture to make one from)",
+    )
+    control_preprocess: Literal["none", "canny", "depth"] = Field(
+        default="none", description="one of none, canny, depth (with 'control_image' only)"
+    )
+    control_scale: float = Field(
+        default=0.75,
+        ge=0.0,
+        le=2.0,
+        allow_inf_nan=False,
+        description="a number from 0.0 to 2.0 (with 'control_image' only)",
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -159,6 +175,32 @@ class GenerateRequest(BaseModel):
         if self.mask is not None and self.image is None:
             raise ValueError(
                 "mask: needs 'image', the picture to inpaint: send 'image' with it, or leave 'mask' out"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _control_fields_need_control_image(self) -> GenerateRequest:
+        for name in ("control_preprocess", "control_scale"):
+            if name in self.model_fields_set and self.control_image is None:
+                raise ValueError(
+                    f"{name}: only applies with 'control_image': send 'control_image' with it, "
+                    f"or leave '{name}' out"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _control_has_a_mode(self) -> GenerateRequest:
+        # The ControlNet pipelines make text-to-image and inpainting; image-to-image has none.
+        if self.control_image is not None and self.image is not None and self.mask is None:
+            raise ValueError(
+                "control_image: is not allowed with 'image' alone (image-to-image has no control): "
+                "send 'mask' too to inpaint with control, or leave 'image' out for text-to-image with control"
+            )
+        # ZImageControlNetInpaintPipeline starts from noise: there is no strength to set.
+        if self.control_image is not None and "strength" in self.model_fields_set:
+            raise ValueError(
+                "strength: does not apply to inpainting with control (it regenerates the masked area "
+                "from noise): leave 'strength' out"
             )
         return self
 

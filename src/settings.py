@@ -50,6 +50,12 @@ class Settings:
     acceleration: str = "none"
     # "1"/"true": a repo id missing from every local place is downloaded at start (needs HF_HUB_OFFLINE=0).
     allow_download: bool = False
+    # Z-Image-Turbo Fun ControlNet Union: a diffusers folder, a folder or file holding alibaba-pai's
+    # single .safetensors release, or a repo id in the local caches; "none" turns control off.
+    controlnet_model: str = "none"
+    # The transformers depth-estimation model for control_preprocess "depth", loaded only with a
+    # ControlNet; "none" turns that preprocessor off.
+    depth_model: str = "depth-anything/Depth-Anything-V2-Small-hf"
     # Jobs in flight on one worker (Runpod's concurrency_modifier); the GPU still runs one at a
     # time, and the others fetch inputs, encode and upload meanwhile. 1 = strictly one job.
     max_concurrency: int = 2
@@ -79,6 +85,14 @@ class Settings:
     @property
     def safety_enabled(self) -> bool:
         return self.safety_checker_model.lower() != "none"
+
+    @property
+    def control_enabled(self) -> bool:
+        return self.controlnet_model.lower() != "none"
+
+    @property
+    def depth_enabled(self) -> bool:
+        return self.control_enabled and self.depth_model.lower() != "none"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -137,6 +151,8 @@ class Settings:
         return cls(
             model=text("ZIMAGE_MODEL", cls.model),
             safety_checker_model=text("SAFETY_CHECKER_MODEL", cls.safety_checker_model),
+            controlnet_model=text("CONTROLNET_MODEL", cls.controlnet_model),
+            depth_model=text("DEPTH_MODEL", cls.depth_model),
             safety_threshold=_number(env, "SAFETY_THRESHOLD", cls.safety_threshold, 0.0, 1.0),
             bucket_endpoint_url=endpoint,
             bucket_access_key_id=bucket["BUCKET_ACCESS_KEY_ID"],

@@ -20,12 +20,14 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, TypeVar
 
 from PIL import Image
 
+from src.control_preprocess import DepthEstimator, load_control, no_depth_model
+from src.controlnet import load_controlnet
 from src.errors import JobError, error_output
 from src.gpu import GpuFault, GpuStage, Stop, run_stoppable
 from src.inpaint import keeps_everything
@@ -70,6 +72,8 @@ class Worker:
     storage: Storage | None
     loras: LoraAdapters
     gpu: GpuStage = field(default_factory=GpuStage)
+    # control_preprocess "depth"; None without a ControlNet or with DEPTH_MODEL=none.
+    depth: DepthEstimator | None = None
 
     @classmethod
     def start(cls, settings: Settings, roots: SearchRoots | None = None) -> Worker:
@@ -81,7 +85,16 @@ class Worker:
         clock.lap("find_model")
         pipe = load_pipeline(folder, dtype)
         clock.lap("load_weights")
-        generator = ZImageGenerator(pipe.to(device), device)
+        controlnet, depth = None, None
+        if settings.control_enabled:
+            controlnet = load_controlnet(settings.controlnet_model, pipe.transformer, dtype, roots).to(device)
+            if settings.depth_enabled:
+                depth_folder = resolve_model(
+                    settings.depth_model, missing_classifier_files, "DEPTH_MODEL", roots
+                )
+                depth = DepthEstimator.load(depth_folder, device, dtype)
+            clock.lap("load_control")
+        generator = ZImageGenerator(pipe.to(device), device, controlnet)
         clock.lap("move_to_device")
         files = LoraFiles(
             settings.lora_dirs, settings.lora_cache_path, settings.lora_cache_gb, settings.lora_max_mb
@@ -106,7 +119,7 @@ class Worker:
         clock.lap("warm_up")
         parts = ", ".join(f"{name} {ms:.0f} ms" for name, ms in clock.timings.items())
         log.info("ready on %s (%s): %s", device, str(dtype).removeprefix("torch."), parts)
-        return cls(settings, generator, safety, storage, loras)
+        return cls(settings, generator, safety, storage, loras, depth=depth)
 
     async def handle(self, job: dict[str, Any]) -> dict[str, Any]:
         """The SDK's handler: a job's output, or the one error shape; the worker serves on."""
@@ -146,6 +159,7 @@ class Worker:
         clock = Stopwatch(self.generator.device)
         stop = Stop()
         request = parse_request(raw_input)
+        self._check_served(request)
         seed = request.seed if request.seed >= 0 else secrets.randbelow(MAX_SEED + 1)
         log.info(
             "job %s: %s, prompt %d chars sha256 %s, %s x%d, %d steps, seed %d",
@@ -159,18 +173,22 @@ class Worker:
             seed,
         )
 
-        # 1. Fetch at once: the input image and mask fitted to the size, and the LoRA files
-        #    (downloaded or from the cache, read unless already loaded).
+        # 1. Fetch at once: the input image and mask fitted to the size, the control map (fitted,
+        #    and canny applied), and the LoRA files (downloaded or cached, read unless loaded).
         try:
-            inputs, loras = await asyncio.gather(
+            inputs, control, loras = await asyncio.gather(
                 self._timed(clock, "load_input", load_inputs, stop, request),
+                self._timed(clock, "preprocess_control", load_control, stop, request)
+                if request.control_image
+                else asyncio.sleep(0, result=None),
                 self._timed(clock, "load_loras", self.loras.prepare, stop, request.loras, stop)
                 if request.loras
                 else asyncio.sleep(0, result=[]),
             )
         except Exception:
-            stop.set()  # the other fetch, if still running, ends at its next check
+            stop.set()  # the other fetches, if still running, end at their next check
             raise
+        inputs = replace(inputs, control=control)
         clock.restart()
 
         # 2. On the GPU, one job at a time: generate, check safety, bring the kept images to the host.
@@ -202,6 +220,9 @@ class Worker:
         self.loras.activate(loras)  # exactly this job's adapters, or none: the base weights
         if loras:
             clock.lap("load_loras")
+        if request.control_preprocess == "depth" and self.depth is not None:
+            inputs = replace(inputs, control=self.depth(inputs.control))  # runs on the device
+            clock.lap("preprocess_control")
         if inputs.image is not None and (request.strength == 0 or keeps_everything(inputs.mask)):
             # strength 0 or an all-black mask returns the fitted input untouched by the model.
             # As a [0, 1] tensor, which the checker reads and to_pil turns back into the same bytes.
@@ -223,6 +244,14 @@ class Worker:
                 "and dropped; nothing was returned or charged. Try another prompt or seed."
             )
         return kept, to_pil(images[kept]), flags
+
+    def _check_served(self, request: GenerateRequest) -> None:
+        """A request this worker cannot serve fails before anything is fetched."""
+        refusal = self.generator.refusals.get(mode_of(request).name)
+        if refusal is not None:
+            raise JobError(refusal)
+        if request.control_preprocess == "depth" and self.depth is None:
+            raise no_depth_model()
 
     @staticmethod
     def _encode(images: list[Image.Image], request: GenerateRequest) -> list[bytes]:

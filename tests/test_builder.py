@@ -26,7 +26,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from builder import download_weights as dw
-from src.model_files import missing_classifier_files, missing_pipeline_files
+from src.controlnet import load_controlnet
+from src.model_files import SearchRoots, missing_classifier_files, missing_pipeline_files
+from tests.tiny_controlnets import build_tiny_depth, save_controlnet
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 # Files a real repo may hold besides what the worker loads: none of them may be fetched.
@@ -414,3 +416,54 @@ def test_main_without_the_pipeline_bakes_the_checker_only(hub, never_flags, tmp_
     assert [p.name for p in tmp_path.iterdir()] == ["nsfw_image_detection"]
     assert folder_files(tmp_path / "nsfw_image_detection") == folder_files(never_flags)
     assert hub.fetched(ZIMAGE) == set()
+
+
+def test_main_bakes_one_controlnet_release_and_the_depth_model_where_the_worker_looks(tiny_model, tmp_path):
+    """A ControlNet repo holds several releases: only the named one comes down, found as the worker looks."""
+    repo, depth_repo = (
+        "alibaba-pai/Z-Image-Turbo-Fun-Controlnet-Union-2.1",
+        "depth-anything/Depth-Anything-V2-Small-hf",
+    )
+    _, release = save_controlnet(tiny_model, "2.1", tmp_path / "made")
+    depth = build_tiny_depth(tmp_path / "made" / "depth")
+    files = {
+        "Z-Image-Turbo-Fun-Controlnet-Union-2.1.safetensors": release.read_bytes(),
+        "Z-Image-Turbo-Fun-Controlnet-Union-2.1-8steps.safetensors": release.read_bytes(),
+        "asset/pose.jpg": b"jpeg",
+    }
+    server = LoopbackHub({repo: files, depth_repo: folder_files(depth) | {"pytorch_model.bin": b"pickle"}})
+    try:
+        args = [
+            "--zimage-repo",
+            "none",
+            "--safety-repo",
+            "none",
+            "--controlnet-repo",
+            repo,
+            "--depth-repo",
+            depth_repo,
+        ]
+        models = tmp_path / "models"
+        assert dw.main(["--dest", str(models), "--endpoint", server.url, *args]) == 0
+        assert server.fetched(repo) == {"Z-Image-Turbo-Fun-Controlnet-Union-2.1.safetensors"}
+        assert server.fetched(depth_repo) == set(folder_files(depth))
+    finally:
+        server.close()
+    assert sorted(p.name for p in models.iterdir()) == [
+        "Depth-Anything-V2-Small-hf",
+        "Z-Image-Turbo-Fun-Controlnet-Union-2.1",
+    ]
+    transformer = ZImageTransformer2DModel.from_pretrained(tiny_model / "transformer")
+    roots = SearchRoots(
+        runpod_cache=tmp_path / "rp", volume=tmp_path / "vol", baked=models, hf_cache=tmp_path / "hf"
+    )
+    controlnet = load_controlnet(repo, transformer, torch.float32, roots)
+    assert controlnet.config.add_control_noise_refiner == "control_noise_refiner"
+    assert missing_classifier_files(models / "Depth-Anything-V2-Small-hf") == []
+
+
+def test_an_unset_controlnet_build_arg_bakes_no_controlnet():
+    args = dw.parse_args(["--controlnet-repo", "", "--depth-repo", ""])
+    assert (args.controlnet_repo, args.depth_repo, args.controlnet_file) == ("none", "none", None)
+    with pytest.raises(ValueError, match="name one .safetensors file"):
+        dw.allow_patterns("controlnet", "model.ckpt")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import string
 
 import pytest
@@ -101,6 +102,11 @@ near_rules = {
             "style.safetensors",
         ]
     ),
+    "control_image": st.sampled_from(
+        [data_uri_of(png_bytes((32, 32))), "", "!!!", "ftp://127.0.0.1/x.png", "http://10.0.0.1/x.png"]
+    ),
+    "control_preprocess": st.sampled_from(["none", "canny", "depth", "hed", "", "CANNY", None]),
+    "control_scale": st.floats(-0.5, 2.5) | st.sampled_from([0, 2, "1", True, math.nan]),
 }
 field_values = st.sampled_from(list(FIELDS)).flatmap(
     lambda name: st.tuples(st.just(name), near_rules[name] | json_values)
@@ -126,7 +132,9 @@ def assert_actionable(message: str, raw: object) -> None:
     keys = [str(key) for key in raw] if isinstance(raw, dict) else []
     # An unknown key is named as sent, or quoted and cut when it is long or not plain text.
     names = {"input", *FIELDS, *keys, *(repr(k[:40]) + ("..." if len(k) > 40 else "") for k in keys)}
-    assert any(message.startswith(f"{name}:") for name in names), message[:200]
+    # An entry of `loras` is named by its index (and key): `loras[0].path: ...`.
+    lora_entry = re.match(r"loras\[\d+\](\.\w+)?: ", message) is not None
+    assert lora_entry or any(message.startswith(f"{name}:") for name in names), message[:200]
 
 
 def assert_sound(request: GenerateRequest) -> None:
@@ -226,6 +234,12 @@ def test_local_api_answers_every_generated_body(api, raw):
     if expected_error is not None:
         # The API says exactly what the model says: nothing is lost or added on the way.
         assert reply == {"id": reply["id"], "status": "FAILED", "error": expected_error}
+    elif reply["status"] == "FAILED" and "control_image" in job_input:
+        # This worker has no ControlNet: every control job is refused, naming the field.
+        assert reply["error"].startswith("control_image: this worker has no ControlNet"), reply
+    elif reply["status"] == "FAILED" and job_input.get("loras") and reply["error"].startswith("loras["):
+        # A LoRA file name that no LORA_DIRS folder holds, or a private URL the SSRF rules refuse.
+        assert "was not found in LORA_DIRS" in reply["error"] or " is refused: " in reply["error"], reply
     elif reply["status"] == "FAILED":
         # Valid as a request, refused only when the image or mask is loaded.
         assert "image" in job_input and reply["error"].startswith(("image:", "mask:")), reply

@@ -14,6 +14,7 @@ from PIL import Image
 from src.request import parse_request
 from tests.conftest import ROOT, LocalAPI, data_uri_of, local_api, png_bytes, worker_env
 from tests.test_local_api import run_cli
+from tests.tiny_controlnets import build_tiny_depth, save_controlnet
 from tests.tiny_loras import make_lora, save_lora
 
 README = (ROOT / "README.md").read_text()
@@ -30,6 +31,8 @@ def offline(job: dict) -> dict:
     """The network is closed here: an example's image and mask URLs are swapped for pictures inline,
     and a LoRA URL for a LoRA file of the same kind in LORA_DIRS (see `lora_dir`)."""
     job_input = dict(job["input"])
+    if job_input.get("control_image", "").startswith("http"):
+        job_input["control_image"] = data_uri_of(png_bytes((640, 480)))
     if job_input.get("image", "").startswith("http"):
         job_input["image"] = data_uri_of(png_bytes((640, 480)))
     if job_input.get("mask", "").startswith("http"):
@@ -57,9 +60,20 @@ def lora_dir(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 @pytest.fixture(scope="module")
-def api(tiny_model: Path, lora_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalAPI]:
-    """conftest's local API, with the README's LoRAs in its LORA_DIRS."""
-    env = worker_env(tiny_model, LORA_DIRS=str(lora_dir))
+def readme_env(tiny_model: Path, lora_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The README's LoRAs in LORA_DIRS, and a tiny 2.1 ControlNet and depth model for its control example."""
+    root = tmp_path_factory.mktemp("readme-control")
+    _, release = save_controlnet(tiny_model, "2.1", root / "cn")
+    depth = build_tiny_depth(root / "depth")
+    return worker_env(
+        tiny_model, LORA_DIRS=str(lora_dir), CONTROLNET_MODEL=str(release), DEPTH_MODEL=str(depth)
+    )
+
+
+@pytest.fixture(scope="module")
+def api(readme_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalAPI]:
+    """conftest's local API, with the README's LoRAs and a ControlNet."""
+    env = readme_env
     with local_api(env, tmp_path_factory.mktemp("logs") / "readme-api.log") as server:
         yield server
 
@@ -84,6 +98,6 @@ def test_example_through_the_local_api(api, job):
 
 
 @pytest.mark.parametrize("job", readme_examples(), ids=lambda job: job["input"]["prompt"][:20])
-def test_example_through_test_input(tiny_model, lora_dir, job):
-    done = run_cli(worker_env(tiny_model, LORA_DIRS=str(lora_dir)), "--test_input", json.dumps(offline(job)))
+def test_example_through_test_input(readme_env, job):
+    done = run_cli(readme_env, "--test_input", json.dumps(offline(job)))
     assert done.returncode == 0, done.stdout[-3000:]

@@ -118,3 +118,16 @@ def test_a_bad_bucket_setting_never_echoes_the_secret():
     with pytest.raises(SettingsError) as caught:
         Settings.from_env(env)
     assert "secretexample" not in str(caught.value)
+
+
+def test_control_settings():
+    settings = Settings.from_env({})
+    assert settings.controlnet_model == "none"
+    assert settings.depth_model == "depth-anything/Depth-Anything-V2-Small-hf"
+    assert not settings.control_enabled and not settings.depth_enabled  # depth only beside a ControlNet
+    settings = Settings.from_env({"CONTROLNET_MODEL": "/models/cn", "DEPTH_MODEL": " /models/depth "})
+    assert (settings.controlnet_model, settings.depth_model) == ("/models/cn", "/models/depth")
+    assert settings.control_enabled and settings.depth_enabled
+    settings = Settings.from_env({"CONTROLNET_MODEL": "/models/cn", "DEPTH_MODEL": "None"})
+    assert settings.control_enabled and not settings.depth_enabled
+    assert not Settings.from_env({"CONTROLNET_MODEL": "NONE"}).control_enabled

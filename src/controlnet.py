@@ -1,0 +1,165 @@
+"""CONTROLNET_MODEL: find Z-Image-Turbo Fun ControlNet Union and load it at start, beside the transformer.
+
+The setting names a diffusers folder (config.json + safetensors), alibaba-pai's single `.safetensors`
+release (a file, or a folder holding it; src/controlnet_configs.py supplies its config), or a repo id
+looked up in the same places as ZIMAGE_MODEL (src/model_files.py). Missing, corrupt or mismatched
+weights raise `ModelNotFound` saying where it looked, so the worker stops at start.
+
+The loaded model holds only the control blocks; the pipelines hand it the transformer's embedders and
+refiners (`ZImageControlNetModel.from_transformer`), so nothing is loaded twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import ZImageControlNetModel, ZImageTransformer2DModel
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from src.controlnet_configs import BODY_KEYS, KEY_ANY, detect_version, release_config
+from src.model_files import HOW_TO_FIX, ModelNotFound, SearchRoots, missing_weights, resolve_model
+
+log = logging.getLogger(__name__)
+
+NAME = "CONTROLNET_MODEL"
+
+
+def missing_controlnet_files(folder: Path) -> list[str]:
+    """What a ControlNet folder lacks: a diffusers folder's files, or at least one single-file release."""
+    if (folder / "config.json").is_file():
+        return missing_weights(folder)
+    if any(p.is_file() for p in folder.glob("*.safetensors")):
+        return []
+    return ["config.json and *.safetensors (a diffusers folder) or a single-file .safetensors release"]
+
+
+def load_controlnet(
+    setting: str, transformer: ZImageTransformer2DModel, dtype: torch.dtype, roots: SearchRoots | None = None
+) -> ZImageControlNetModel:
+    """The ControlNet the setting names, in `dtype`, checked to fit `transformer`."""
+    where = _find(setting, roots)
+    if where.is_dir() and (where / "config.json").is_file():
+        controlnet, version = _from_folder(where, transformer.config, dtype), "diffusers folder"
+    else:
+        # Its body is the transformer's by construction (controlnet_configs.release_config).
+        file = where if where.is_file() else _release_file(where)
+        controlnet, version = load_release(file, transformer.config, dtype)
+    log.info(
+        "ControlNet %s (%s): control_in_dim %d, %d control layers",
+        where,
+        version,
+        controlnet.config.control_in_dim,
+        len(controlnet.config.control_layers_places),
+    )
+    return controlnet.eval()
+
+
+def inpaints(controlnet: ZImageControlNetModel, transformer: ZImageTransformer2DModel) -> bool:
+    """2.x takes the mask and masked image beside the control latents; 1.0 takes the control latents only."""
+    return controlnet.config.control_in_dim > transformer.config.in_channels
+
+
+def load_release(
+    file: Path, transformer_config: Mapping[str, Any], dtype: torch.dtype
+) -> tuple[ZImageControlNetModel, str]:
+    """An alibaba-pai single-file release: its version from its keys, the config the worker ships."""
+    try:
+        state = load_file(file)
+    except (OSError, SafetensorError) as err:
+        raise _broken(file, err) from None
+    version = detect_version(state)
+    if version is None:
+        sample = ", ".join(sorted(state)[:3]) or "no tensors"
+        raise ModelNotFound(
+            f"{NAME}: {file} is not a Z-Image-Turbo Fun ControlNet Union release: it has no {KEY_ANY} "
+            f"(it holds {sample}, ...). Use alibaba-pai's Z-Image-Turbo-Fun-Controlnet-Union 1.0, 2.0 or 2.1."
+        )
+    config = release_config(version, transformer_config)
+    # Dropped as diffusers' convert_z_image_controlnet_checkpoint_to_diffusers drops them: 2.0 does not
+    # use them. Cast here, so the model is made in `dtype` (no float32 copy on the way).
+    drop = "control_noise_refiner." if config["add_control_noise_refiner"] == "control_layers" else None
+    state = {key: value.to(dtype) for key, value in state.items() if drop is None or not key.startswith(drop)}
+    with torch.device("meta"):
+        controlnet = ZImageControlNetModel(**config)
+    try:
+        controlnet.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as err:
+        cause = " ".join(str(err).split())[:300]
+        raise ModelNotFound(
+            f"{NAME}: {file} looks like release {version} but its tensors do not fit that layout "
+            f"with ZIMAGE_MODEL's transformer ({cause}). Use a release for Z-Image-Turbo, downloaded whole."
+        ) from None
+    return controlnet, version
+
+
+def _find(setting: str, roots: SearchRoots | None) -> Path:
+    path = Path(setting).expanduser()
+    if path.suffix == ".safetensors" or path.is_file():
+        if not path.is_file():
+            raise ModelNotFound(
+                f"{NAME}: no file at {path}. Looked in: the file named by the setting. "
+                + HOW_TO_FIX.format(name=NAME)
+            )
+        return path
+    return resolve_model(setting, missing_controlnet_files, NAME, roots)
+
+
+def _release_file(folder: Path) -> Path:
+    """The one release in a folder; with several, the one named after the folder (a repo's snapshot)."""
+    files = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
+    if len(files) == 1:
+        return files[0]
+    named = [p for p in files if p.stem == folder.name or p.stem == folder.parent.parent.name.split("--")[-1]]
+    if len(named) == 1:
+        return named[0]
+    raise ModelNotFound(
+        f"{NAME}: {folder} holds several releases ({', '.join(p.name for p in files)}): "
+        "set CONTROLNET_MODEL to the path of the one to load"
+    )
+
+
+def _from_folder(
+    folder: Path, transformer_config: Mapping[str, Any], dtype: torch.dtype
+) -> ZImageControlNetModel:
+    try:
+        config = ZImageControlNetModel.load_config(folder)
+    except (OSError, ValueError) as err:
+        raise _broken(folder, err) from None
+    _check_fits(config, transformer_config, folder)
+    try:
+        return ZImageControlNetModel.from_pretrained(
+            folder, dtype=dtype, use_safetensors=True, local_files_only=True
+        )
+    except (OSError, ValueError, SafetensorError, RuntimeError) as err:
+        raise _broken(folder, err) from None
+
+
+def _check_fits(config: Mapping[str, Any], transformer_config: Mapping[str, Any], where: Path) -> None:
+    """A folder made for another transformer would not load, or fail in the first job: said plainly first."""
+    wrong = [
+        f"{key} {_listed(config.get(key))} (the transformer's: {_listed(transformer_config[key])})"
+        for key in BODY_KEYS
+        if _listed(config.get(key)) != _listed(transformer_config[key])
+    ]
+    if wrong:
+        raise ModelNotFound(
+            f"{NAME}: {where} does not fit ZIMAGE_MODEL's transformer: {'; '.join(wrong)}. "
+            "Use the Z-Image-Turbo Fun ControlNet Union made for this model."
+        )
+
+
+def _listed(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _broken(where: Path, err: Exception) -> ModelNotFound:
+    cause = (str(err).strip().splitlines() or [""])[0][:300]
+    return ModelNotFound(
+        f"{NAME}: {where} is there but cannot be loaded ({type(err).__name__}: {cause}). "
+        "A file in it is truncated or corrupt: download or copy the weights again."
+    )
