@@ -55,8 +55,11 @@ class DepthEstimator:
         from src.model_files import ModelNotFound
 
         try:
-            model = AutoModelForDepthEstimation.from_pretrained(folder, dtype=dtype, use_safetensors=True)
-            processor = AutoImageProcessor.from_pretrained(folder)
+            # B615 (no revision pinned) does not apply: a local folder, local_files_only=True.
+            model = AutoModelForDepthEstimation.from_pretrained(  # nosec B615
+                folder, dtype=dtype, use_safetensors=True, local_files_only=True
+            )
+            processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)  # nosec B615
         except (OSError, ValueError) as err:
             cause = (str(err).strip().splitlines() or [""])[0][:300]
             raise ModelNotFound(
