@@ -52,7 +52,7 @@ class DepthEstimator:
     def load(cls, folder: Path, device: torch.device, dtype: torch.dtype) -> DepthEstimator:
         from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
-        from src.model_files import ModelNotFound
+        from src.model_files import ModelNotFound, load_failure
 
         try:
             # B615 (no revision pinned) does not apply: a local folder, local_files_only=True.
@@ -61,9 +61,8 @@ class DepthEstimator:
             )
             processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)  # nosec B615
         except (OSError, ValueError) as err:
-            cause = (str(err).strip().splitlines() or [""])[0][:300]
             raise ModelNotFound(
-                f"DEPTH_MODEL: {folder} is there but cannot be loaded ({type(err).__name__}: {cause}); "
+                f"DEPTH_MODEL: {folder} is there but cannot be loaded ({load_failure(err)}); "
                 "download the model again, or set DEPTH_MODEL=none to turn control_preprocess 'depth' off"
             ) from None
         return cls(model.to(device).eval(), processor, device)

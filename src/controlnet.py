@@ -22,7 +22,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from src.controlnet_configs import BODY_KEYS, KEY_ANY, detect_version, release_config
-from src.model_files import HOW_TO_FIX, ModelNotFound, SearchRoots, missing_weights, resolve_model
+from src.model_files import (
+    HOW_TO_FIX,
+    ModelNotFound,
+    SearchRoots,
+    load_failure,
+    missing_weights,
+    resolve_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +165,7 @@ def _listed(value: Any) -> list[Any]:
 
 
 def _broken(where: Path, err: Exception) -> ModelNotFound:
-    cause = (str(err).strip().splitlines() or [""])[0][:300]
     return ModelNotFound(
-        f"{NAME}: {where} is there but cannot be loaded ({type(err).__name__}: {cause}). "
+        f"{NAME}: {where} is there but cannot be loaded ({load_failure(err)}). "
         "A file in it is truncated or corrupt: download or copy the weights again."
     )

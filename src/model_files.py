@@ -47,6 +47,13 @@ class ModelNotFound(RuntimeError):
     """No complete model folder was found; the message says where we looked."""
 
 
+def load_failure(err: Exception) -> str:
+    """Why a complete-looking folder did not load, short enough for a start-up message:
+    the error's type and the first line of its text."""
+    cause = (str(err).strip().splitlines() or [""])[0][:300]
+    return f"{type(err).__name__}: {cause}"
+
+
 @dataclass(frozen=True)
 class SearchRoots:
     """The places searched besides the setting itself (tests point them at temporary folders)."""

@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors import SafetensorError
 
 from src.input_image import Inputs
-from src.model_files import ModelNotFound
+from src.model_files import ModelNotFound, load_failure
 from src.modes import MODES, mode_of
 from src.pixels import to_bytes
 from src.prompts import PromptEncoder
@@ -51,10 +51,9 @@ def load_pipeline(folder: Path, dtype: torch.dtype) -> ZImagePipeline:
             folder, dtype=dtype, use_safetensors=True, local_files_only=True
         )
     except (OSError, ValueError, SafetensorError) as err:
-        cause = (str(err).strip().splitlines() or [""])[0][:300]
         raise ModelNotFound(
             f"ZIMAGE_MODEL: the model folder {folder} is there but cannot be loaded "
-            f"({type(err).__name__}: {cause}). A file in it is truncated or corrupt: download or "
+            f"({load_failure(err)}). A file in it is truncated or corrupt: download or "
             "copy the weights again, or rebuild the image (README, 'Deploy')."
         ) from None
 
