@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -155,6 +156,25 @@ class StoreProxy:
             pass
 
 
+@dataclass(frozen=True)
+class Answer:
+    """What a failing job API answers instead: a status and body, or a connection closed unanswered."""
+
+    status: int = 503
+    body: bytes = b""
+    content_type: str = "application/json"
+    drop: bool = False
+
+
+UNAVAILABLE = Answer(503, b'{"error": "service unavailable"}')
+DEGRADED = Answer(200, b'{"status": "degraded"}')  # a 200 with no job's id or input in it
+NOT_JSON = Answer(200, b"<html><body>502 Bad Gateway</body></html>", "text/html")
+TOO_MANY = Answer(429, b'{"error": "too many requests"}')
+DROPPED = Answer(drop=True)
+
+GET_KINDS = (("/job-take", "take"), ("/job-stop/", "stop"), ("/ping/", "ping"))
+
+
 class JobQueue:
     """Runpod's job queue as runpod 1.12's worker loop speaks to it, on loopback.
 
@@ -164,8 +184,12 @@ class JobQueue:
     - POST .../job-done/<worker>/<job id>?...  an IN_PROGRESS update or the job's result
     - GET  .../ping/<worker>                 the heartbeat
 
-    It records when each job was taken and finished, every progress update per job, and
-    every result, so tests and the benchmark read the worker's behaviour from outside.
+    It records when each job was taken and finished, every progress update per job, every
+    result, and when each request came (`requests`: time and kind: take, stop, ping,
+    progress, done), so tests and the benchmark read the worker's behaviour from outside.
+
+    Faults: while `fault` is set, job-take, the stop channel and the heartbeat answer it
+    instead (the API is down); while `done_fault` is set, job-done posts do.
     """
 
     stop_poll = 1.0
@@ -179,6 +203,9 @@ class JobQueue:
         self.take_requests: list[str] = []
         self.pings = 0
         self.stops: list[str] = []
+        self.requests: list[tuple[float, str]] = []
+        self.fault: Answer | None = None
+        self.done_fault: Answer | None = None
         self.lock = threading.Condition()
         queue = self
 
@@ -188,6 +215,10 @@ class JobQueue:
 
             def do_GET(self) -> None:  # noqa: N802
                 path, query = urlsplit(self.path).path, parse_qs(urlsplit(self.path).query)
+                kind = next((kind for marker, kind in GET_KINDS if marker in path), "")
+                queue.requests.append((time.monotonic(), kind))
+                if kind and queue.fault:
+                    return self._fail(queue.fault)
                 if "/job-take" in path:
                     queue.take_requests.append(self.path)
                     batch = "/job-take-batch/" in path
@@ -204,10 +235,24 @@ class JobQueue:
                 self._answer(404)
 
             def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                progress = body.get("status") == "IN_PROGRESS"
+                queue.requests.append((time.monotonic(), "progress" if progress else "done"))
+                if queue.done_fault:
+                    return self._fail(queue.done_fault)
                 job_id = urlsplit(self.path).path.rstrip("/").rsplit("/", 1)[-1]
-                queue._record(job_id, json.loads(body))
+                queue._record(job_id, body)
                 self._answer(200, {})
+
+            def _fail(self, fault: Answer) -> None:
+                if fault.drop:
+                    self.close_connection = True
+                    return
+                self.send_response(fault.status)
+                self.send_header("Content-Type", fault.content_type)
+                self.send_header("Content-Length", str(len(fault.body)))
+                self.end_headers()
+                self.wfile.write(fault.body)
 
             def _answer(self, status: int, payload: object = None) -> None:
                 data = b"" if payload is None else json.dumps(payload).encode()
@@ -223,11 +268,11 @@ class JobQueue:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
-    def env(self, worker_id: str = "test-worker") -> dict[str, str]:
+    def env(self, worker_id: str = "test-worker", query: str = "gpu=cpu") -> dict[str, str]:
         """The variables Runpod sets on a worker, pointed here; the SDK's internet checks off."""
         return {
-            "RUNPOD_WEBHOOK_GET_JOB": f"{self.url}/v2/job-take/$ID?gpu=cpu",
-            "RUNPOD_WEBHOOK_POST_OUTPUT": f"{self.url}/v2/job-done/$RUNPOD_POD_ID/$ID?gpu=cpu",
+            "RUNPOD_WEBHOOK_GET_JOB": f"{self.url}/v2/job-take/$ID?{query}",
+            "RUNPOD_WEBHOOK_POST_OUTPUT": f"{self.url}/v2/job-done/$RUNPOD_POD_ID/$ID?{query}",
             "RUNPOD_WEBHOOK_PING": f"{self.url}/v2/ping/$RUNPOD_POD_ID",
             "RUNPOD_AI_API_KEY": "queue-test-key",
             "RUNPOD_POD_ID": worker_id,
@@ -265,6 +310,10 @@ class JobQueue:
                     return False
                 self.lock.wait(timeout=left)
         return True
+
+    def times(self, kind: str, start: float = 0.0, end: float = float("inf")) -> list[float]:
+        """When requests of one kind (take, stop, ping, progress, done) came, from `start` to `end`."""
+        return [t for t, k in list(self.requests) if k == kind and start <= t < end]
 
     def close(self) -> None:
         self.httpd.shutdown()
