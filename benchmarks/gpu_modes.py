@@ -1,4 +1,4 @@
-"""The modes that are still being added (inpainting, LoRAs, control), found from the request model.
+"""The modes added after text-to-image (inpainting, LoRAs, control), found from the request model.
 
 Each one's row turns on when its field lands in `GenerateRequest`; until then it is a named
 skip. Kept apart from gpu_sections.py so that adding a mode touches only this table.
@@ -9,15 +9,24 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import ZImageControlNetModel
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
+from src.controlnet_configs import release_config
+from src.pipeline import ZImageGenerator
 from src.request import GenerateRequest
 from src.settings import Settings
+from src.worker import Worker
+
+# Run on the worker before the mode's jobs; what it returns goes into the mode's row.
+Prepare = Callable[[Worker], dict[str, Any]]
 
 LORA_FILE = "bench-lora.safetensors"
 LORA_RANK = 32
@@ -64,26 +73,57 @@ def centre_mask(width: int, height: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def newer_modes(image: str, width: int, height: int) -> list[tuple[str, dict[str, Any], str | None]]:
-    """(mode, what the job adds, why it is skipped or None) for each mode still being added."""
+def random_controlnet(worker: Worker) -> dict[str, Any]:
+    """Give the worker a random 2.1 ControlNet of the real size, built on its device.
+
+    The 2.1 release's config on the worker's transformer (src/controlnet_configs.py; 3.36B
+    parameters on the full-size model), torch's default random init straight in the worker's
+    dtype and on its device: no 6.7 GB file to write and read, and no float32 copy. (diffusers
+    zero-initialises the projections that feed the hints in: the same matmuls, so the same time.)
+    The generator is rebuilt around it as Worker.start builds it, and accelerated the same way.
+    """
+    generator = worker.generator
+    transformer = generator.text_to_image.transformer
+    start = time.perf_counter()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(transformer.dtype)
+    try:
+        with torch.device(generator.device):
+            controlnet = ZImageControlNetModel(**release_config("2.1", transformer.config)).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    if generator.device.type == "cuda":
+        torch.cuda.synchronize()
+    built_s = time.perf_counter() - start
+    params = sum(p.numel() for p in controlnet.parameters())  # before it takes the shared modules
+    worker.generator = ZImageGenerator(generator.text_to_image, generator.device, controlnet)
+    worker.generator.accelerate(worker.settings.acceleration, compile_blocks=False)
+    return {"controlnet": "2.1, random", "params": params, "build_s": round(built_s, 1)}
+
+
+def newer_modes(
+    image: str, width: int, height: int
+) -> list[tuple[str, dict[str, Any], str | None, Prepare | None]]:
+    """(mode, what the job adds, why it is skipped or None, what to do first) for each newer mode."""
     missing = "not in this version: the request model has no `{}` field"
     return [
         (
             "inpainting",
             {"image": image, "mask": centre_mask(width, height), "strength": 1.0},
             None if has_field("mask") else missing.format("mask"),
+            None,
         ),
         (
             "lora activation",
             {"loras": [{"path": LORA_FILE, "scale": 1.0}]},
             None if has_field("loras") else missing.format("loras"),
+            None,
         ),
         (
+            # Text-to-image with control; the picture is the control map as sent (no preprocessing).
             "control",
-            {},
-            "the request has `control_image`, but no random full-size ControlNet is built "
-            "here yet (CONTROLNET_MODEL=none)"
-            if has_field("control_image")
-            else missing.format("control_image"),
+            {"control_image": image},
+            None if has_field("control_image") else missing.format("control_image"),
+            random_controlnet,
         ),
     ]

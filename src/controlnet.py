@@ -2,8 +2,11 @@
 
 The setting names a diffusers folder (config.json + safetensors), alibaba-pai's single `.safetensors`
 release (a file, or a folder holding it; src/controlnet_configs.py supplies its config), or a repo id
-looked up in the same places as ZIMAGE_MODEL (src/model_files.py). Missing, corrupt or mismatched
-weights raise `ModelNotFound` saying where it looked, so the worker stops at start.
+looked up in the same places as ZIMAGE_MODEL (src/model_files.py): `Org/Name` takes the release named
+after the repo (`Name.safetensors`), `Org/Name/file.safetensors` another one. alibaba-pai's repos hold
+several releases of 3 to 6.7 GB each, so a download (ZIMAGE_ALLOW_DOWNLOAD=1) fetches that one release
+and a diffusers folder's files, never the others. Missing, corrupt or mismatched weights raise
+`ModelNotFound` saying where it looked, so the worker stops at start.
 
 The loaded model holds only the control blocks; the pipelines hand it the transformer's embedders and
 refiners (`ZImageControlNetModel.from_transformer`), so nothing is loaded twice.
@@ -26,6 +29,7 @@ from src.model_files import (
     HOW_TO_FIX,
     ModelNotFound,
     SearchRoots,
+    is_repo_id,
     load_failure,
     missing_weights,
     resolve_model,
@@ -34,6 +38,8 @@ from src.model_files import (
 log = logging.getLogger(__name__)
 
 NAME = "CONTROLNET_MODEL"
+# What a diffusers-format ControlNet repo holds (ZImageControlNetModel.save_pretrained's names).
+DIFFUSERS_FILES = ["config.json", "diffusion_pytorch_model*.safetensors", "*.safetensors.index.json"]
 
 
 def missing_controlnet_files(folder: Path) -> list[str]:
@@ -104,7 +110,26 @@ def load_release(
     return controlnet, version
 
 
+def download_patterns(repo_id: str, file: str | None = None) -> list[str]:
+    """The files a download of a ControlNet repo fetches: one release (`file`, else the one named
+    after the repo) and a diffusers folder's files; alibaba-pai's other releases stay on the Hub."""
+    return [file or f"{repo_id.split('/')[1]}.safetensors", *DIFFUSERS_FILES]
+
+
+def repo_and_file(setting: str) -> tuple[str, str] | None:
+    """`Org/Name/file.safetensors` that is not a path here -> ("Org/Name", "file.safetensors")."""
+    repo, _, file = setting.rpartition("/")
+    if file.endswith(".safetensors") and not Path(setting).expanduser().exists() and is_repo_id(repo):
+        return repo, file
+    return None
+
+
 def _find(setting: str, roots: SearchRoots | None) -> Path:
+    named = repo_and_file(setting)
+    if named is not None:
+        repo, file = named
+        folder = resolve_model(repo, lambda f: [] if (f / file).is_file() else [file], NAME, roots, [file])
+        return folder / file
     path = Path(setting).expanduser()
     if path.suffix == ".safetensors" or path.is_file():
         if not path.is_file():
@@ -113,7 +138,8 @@ def _find(setting: str, roots: SearchRoots | None) -> Path:
                 + HOW_TO_FIX.format(name=NAME)
             )
         return path
-    return resolve_model(setting, missing_controlnet_files, NAME, roots)
+    patterns = download_patterns(setting) if is_repo_id(setting) else None
+    return resolve_model(setting, missing_controlnet_files, NAME, roots, patterns)
 
 
 def _release_file(folder: Path) -> Path:

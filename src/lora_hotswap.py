@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from diffusers import ZImagePipeline
@@ -55,6 +56,23 @@ class HotswapSlots:
         log.info(
             "ZIMAGE_COMPILE: %d LoRA slots of rank %d on %d linear layers", len(SLOTS), rank, len(linears)
         )
+
+    @contextmanager
+    def all_zero_active(self) -> Iterator[None]:
+        """Every slot active and all zero, then the base weights again: for the compile warm-up.
+
+        The jobs run the adapters' graph (the one every LoRA job runs, whatever it holds) and make
+        the base model's pixels, so a warm-up compiles it before the first LoRA job instead of in it.
+        """
+        for i, slot in enumerate(SLOTS):
+            if self.content[i] is not None:
+                self._zero(slot)
+                self.content[i] = None
+        self.pipe.enable_lora()
+        try:
+            yield
+        finally:
+            self.pipe.disable_lora()
 
     def holds(self, digest: str) -> bool:
         return any(entry is not None and entry[0] == digest for entry in self.content)

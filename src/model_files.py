@@ -67,9 +67,16 @@ class SearchRoots:
 
 
 def resolve_model(
-    setting: str, check: Callable[[Path], list[str]], env_name: str, roots: SearchRoots | None = None
+    setting: str,
+    check: Callable[[Path], list[str]],
+    env_name: str,
+    roots: SearchRoots | None = None,
+    allow_patterns: list[str] | None = None,
 ) -> Path:
-    """The first complete folder for `setting`; `check` lists what a folder lacks."""
+    """The first complete folder for `setting`; `check` lists what a folder lacks.
+
+    `allow_patterns` limits a download to those files (None: every file but NOT_NEEDED).
+    """
     roots = roots or SearchRoots()
     looked: list[str] = []
     for where, folder in _candidates(setting, roots):
@@ -83,8 +90,8 @@ def resolve_model(
             return folder
         looked.append(f"{where} ({folder}): incomplete, missing {', '.join(missing)}")
         log.warning("model %s: %s is incomplete: missing %s", setting, folder, ", ".join(missing))
-    if _is_repo_id(setting):
-        downloaded, note = _download(setting, roots, check)
+    if is_repo_id(setting):
+        downloaded, note = _download(setting, roots, check, allow_patterns)
         if downloaded is not None:
             return downloaded
         looked.append(note)
@@ -96,14 +103,14 @@ def resolve_model(
     )
 
 
-def _is_repo_id(setting: str) -> bool:
+def is_repo_id(setting: str) -> bool:
     """'Org/Name' that is not a path: an absolute, ./relative or existing folder is taken as a folder."""
     path = Path(setting).expanduser()
     return not (path.is_absolute() or setting.startswith(".") or path.is_dir()) and setting.count("/") == 1
 
 
 def _candidates(setting: str, roots: SearchRoots) -> Iterator[tuple[str, Path]]:
-    if not _is_repo_id(setting):
+    if not is_repo_id(setting):
         yield "the folder named by the setting", Path(setting).expanduser()
         return
     name = setting.split("/")[1]
@@ -147,7 +154,7 @@ def hf_cache_snapshots(repo_id: str, cache: Path) -> list[Path]:
 
 
 def _download(
-    setting: str, roots: SearchRoots, check: Callable[[Path], list[str]]
+    setting: str, roots: SearchRoots, check: Callable[[Path], list[str]], allow_patterns: list[str] | None
 ) -> tuple[Path | None, str]:
     """Fetch into the Hugging Face cache when allowed; (folder, "") or (None, why not)."""
     if not roots.allow_download:
@@ -162,7 +169,11 @@ def _download(
         # B615 (no revision pinned) on purpose: an opt-in fetch of the repo the operator named; only
         # safetensors and configs come down (NOT_NEEDED) and load, so no revision can run code.
         snapshot = snapshot_download(  # nosec B615
-            setting, cache_dir=roots.hf_cache, ignore_patterns=NOT_NEEDED, endpoint=roots.hub_endpoint
+            setting,
+            cache_dir=roots.hf_cache,
+            allow_patterns=allow_patterns,
+            ignore_patterns=NOT_NEEDED,
+            endpoint=roots.hub_endpoint,
         )
         folder = Path(snapshot)
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:

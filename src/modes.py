@@ -18,11 +18,10 @@ from diffusers import (
     ZImageControlNetInpaintPipeline,
     ZImageControlNetPipeline,
     ZImageImg2ImgPipeline,
-    ZImageInpaintPipeline,
     ZImagePipeline,
 )
 
-from src.inpaint import composite
+from src.inpaint import InpaintPipeline, composite
 from src.input_image import Inputs
 from src.request import GenerateRequest
 
@@ -72,11 +71,13 @@ def _inpaint_with_control(inputs: Inputs, request: GenerateRequest) -> dict[str,
 MODES: dict[frozenset[str], Mode] = {
     frozenset(): Mode("text-to-image", ZImagePipeline, _nothing),
     frozenset({"image"}): Mode("image-to-image", ZImageImg2ImgPipeline, _from_image),
-    frozenset({"image", "mask"}): Mode("inpainting", ZImageInpaintPipeline, _from_image_and_mask, composite),
+    # diffusers' ZImageInpaintPipeline without its unused masked-image encode (src/inpaint.py).
+    frozenset({"image", "mask"}): Mode("inpainting", InpaintPipeline, _from_image_and_mask, composite),
     frozenset({"control_image"}): Mode(
         "text-to-image with control", ZImageControlNetPipeline, _with_control, control=True
     ),
-    # The kept area is put back exactly, as in plain inpainting.
+    # The kept area is put back exactly, as in plain inpainting. This pipeline's masked-image encode
+    # is used (16 of the 2.x ControlNet's 33 input channels), so it is diffusers' own class.
     frozenset({"image", "mask", "control_image"}): Mode(
         "inpainting with control",
         ZImageControlNetInpaintPipeline,

@@ -11,6 +11,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import DiffusionPipeline, ZImageControlNetModel, ZImagePipeline
@@ -24,6 +25,9 @@ from src.pixels import to_bytes
 from src.prompts import PromptEncoder
 from src.request import PRESET_SIZES, GenerateRequest
 from src.timing import Stopwatch
+
+if TYPE_CHECKING:
+    from src.lora_hotswap import HotswapSlots
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +71,7 @@ class ZImageGenerator:
     ) -> None:
         self.device = device
         self.text_to_image = text_to_image
+        self.controlnet = controlnet
         # Every other mode's pipeline is built from the same component objects: no second copy
         # of any weight, and no dtype change (`from_pipe` without an explicit dtype would cast
         # them to fp32). The control modes add the ControlNet, which the pipeline hands the
@@ -111,15 +116,19 @@ class ZImageGenerator:
                 )
             return
         transformer = self.text_to_image.transformer
-        for backend in ATTENTION_BACKENDS:
-            try:
-                transformer.set_attention_backend(backend)
-                log.info("attention backend: %s", backend)
-                break
-            except Exception as err:  # a missing package or an unsupported GPU
-                log.info("attention backend %s unavailable (%s), trying the next", backend, err)
+        backend = fastest_attention(transformer)
+        if self.controlnet is not None:
+            # The ControlNet's own blocks run attention and linears over the same tokens (2.1: about
+            # half the transformer's size), so they get the same treatment. Without its own backend
+            # it would follow diffusers' process-wide active one, whatever set it last.
+            if backend is not None:
+                self.controlnet.set_attention_backend(backend)
+            log.info("ControlNet attention backend: %s", backend or "diffusers' default")
         if acceleration == "fp8":
-            _float8_matmuls(transformer)
+            _float8_matmuls(transformer, "transformer")
+            if self.controlnet is not None:
+                # Its embedders and refiners are the transformer's (from_transformer): quantized once.
+                _float8_matmuls(self.controlnet, "ControlNet", skip=transformer)
         if compile_blocks:
             # Inductor's default cache lives in /tmp and dies with the container; on disk (a
             # network volume when there is one) a restarted worker skips the compile.
@@ -131,11 +140,14 @@ class ZImageGenerator:
             transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
             log.info("regional torch.compile on %s blocks", transformer._repeated_blocks)
 
-    def warm_up(self, compiled: bool = False) -> None:
+    def warm_up(self, compiled: bool = False, lora_slots: HotswapSlots | None = None) -> None:
         """Small jobs before the first real one, so lazy CUDA set-up is not billed to a caller.
 
         With torch.compile, every preset size is run once so the kernels for the sizes
-        callers use are built (or read from the on-disk cache) before the first job.
+        callers use are built (or read from the on-disk cache) before the first job. With the
+        compiled worker's LoRA slots (src/lora_hotswap.py), each size runs once more with every
+        slot active and all zero: the graph every LoRA job runs, compiled here rather than in
+        the first one; the base weights are back on afterwards.
         """
         sizes = PRESET_SIZES if compiled else ("512*512",)
         # With a ControlNet, its pipeline too: the transformer then runs with hints added, another graph.
@@ -143,6 +155,9 @@ class ZImageGenerator:
         for size in sizes:
             request = GenerateRequest(prompt="warm-up", size=size, num_inference_steps=2)
             self.generate(request, seed=0, clock=Stopwatch(self.device))
+            if lora_slots is not None:
+                with lora_slots.all_zero_active():
+                    self.generate(request, seed=0, clock=Stopwatch(self.device))
             if control:
                 request = request.model_copy(update={"control_image": "warm-up"})
                 grey = Inputs(control=Image.new("RGB", (request.width, request.height), (128, 128, 128)))
@@ -217,7 +232,29 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(array) for array in pixels]
 
 
-def _float8_matmuls(transformer: torch.nn.Module) -> None:
+def fastest_attention(module: torch.nn.Module) -> str | None:
+    """The first of ATTENTION_BACKENDS that `module` takes, set on it; None when none is."""
+    for backend in ATTENTION_BACKENDS:
+        try:
+            module.set_attention_backend(backend)
+            log.info("attention backend: %s", backend)
+            return backend
+        except Exception as err:  # a missing package or an unsupported GPU
+            log.info("attention backend %s unavailable (%s), trying the next", backend, err)
+    return None
+
+
+def not_shared_linears(owner: torch.nn.Module) -> Callable[[torch.nn.Module, str], bool]:
+    """A torchao filter for the linear layers that are not also `owner`'s.
+
+    The ControlNet holds the transformer's own embedder and refiner layers (from_transformer), and
+    torchao's default filter does not skip an already-quantized layer in every version.
+    """
+    shared = {id(m) for m in owner.modules()}
+    return lambda layer, name: isinstance(layer, torch.nn.Linear) and id(layer) not in shared
+
+
+def _float8_matmuls(module: torch.nn.Module, what: str, skip: torch.nn.Module | None = None) -> None:
     """ZIMAGE_ACCELERATION=fp8: torchao's dynamic float8 activations and weights for the linears.
 
     Needs torchao and a GPU with float8 tensor cores (Ada, Hopper or newer); without them
@@ -226,7 +263,8 @@ def _float8_matmuls(transformer: torch.nn.Module) -> None:
     try:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
-        quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
-        log.info("fp8: float8 matmuls on the transformer's linear layers")
+        config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+        quantize_(module, config, filter_fn=None if skip is None else not_shared_linears(skip))
+        log.info("fp8: float8 matmuls on the %s's linear layers", what)
     except Exception as err:  # torchao missing, or a GPU without float8
-        log.warning("fp8 requested but unavailable (%s); keeping bf16", err)
+        log.warning("fp8 requested for the %s but unavailable (%s); keeping bf16", what, err)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import ZImageTransformer2DModel
+from huggingface_hub import constants
 from safetensors.torch import save_file
 
 from src.controlnet import load_controlnet, load_release
@@ -16,6 +17,7 @@ from src.controlnet_configs import CONTROL_CONFIGS, detect_version, release_conf
 from src.model_files import ModelNotFound, SearchRoots
 from src.settings import Settings
 from src.worker import Worker
+from tests.test_builder import LoopbackHub, folder_files
 from tests.tiny_controlnets import save_controlnet
 
 VERSIONS = ("1.0", "2.0", "2.1")
@@ -88,6 +90,76 @@ def test_a_repo_id_is_found_in_the_hugging_face_cache(releases, transformer, tmp
     shutil.copy(releases["2.0"][1], snapshot / "Z-Image-Turbo-Fun-Controlnet-Union-2.1-lite.safetensors")
     controlnet = load_controlnet(repo, transformer, torch.float32, roots)
     assert controlnet.config.add_control_noise_refiner == "control_noise_refiner"
+
+
+# ----------------------------------------------------------------- downloads (ZIMAGE_ALLOW_DOWNLOAD=1)
+UNION = "alibaba-pai/Z-Image-Turbo-Fun-Controlnet-Union"
+
+
+@pytest.fixture
+def hub(releases, monkeypatch):
+    """alibaba-pai's layout on a loopback Hub: several single-file releases per repo, and assets."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    release = {version: releases[version][1].read_bytes() for version in VERSIONS}
+    server = LoopbackHub(
+        {
+            f"{UNION}-2.0": {
+                "Z-Image-Turbo-Fun-Controlnet-Union-2.0.safetensors": release["2.0"],
+                "Z-Image-Turbo-Fun-Controlnet-Union-2.1.safetensors": release["2.1"],
+                "Z-Image-Turbo-Fun-Controlnet-Union-2.1-8steps.safetensors": release["2.1"],
+                "asset/pose.jpg": b"jpeg",
+                "README.md": b"# releases",
+            },
+            # A diffusers-format copy, as hlky's mirrors hold it.
+            "someone/zimage-controlnet-diffusers": folder_files(releases["2.1"][0]) | {"README.md": b"#"},
+        }
+    )
+    yield server
+    server.close()
+
+
+def downloading(tmp_path: Path, hub: LoopbackHub) -> SearchRoots:
+    return SearchRoots(**{**nowhere(tmp_path).__dict__, "allow_download": True, "hub_endpoint": hub.url})
+
+
+@pytest.mark.parametrize(
+    ("setting", "version", "fetched"),
+    [
+        (f"{UNION}-2.0", "2.0", "Z-Image-Turbo-Fun-Controlnet-Union-2.0.safetensors"),
+        (
+            f"{UNION}-2.0/Z-Image-Turbo-Fun-Controlnet-Union-2.1.safetensors",
+            "2.1",
+            "Z-Image-Turbo-Fun-Controlnet-Union-2.1.safetensors",
+        ),
+    ],
+)
+def test_a_download_fetches_the_one_release_asked_for(setting, version, fetched, hub, transformer, tmp_path):
+    roots = downloading(tmp_path, hub)
+    controlnet = load_controlnet(setting, transformer, torch.float32, roots)
+    assert hub.fetched(f"{UNION}-2.0") == {fetched}
+    expected = release_config(version, transformer.config)["add_control_noise_refiner"]
+    assert controlnet.config.add_control_noise_refiner == expected
+    # Now in the Hugging Face cache: found there without a request.
+    hub.requests.clear()
+    load_controlnet(setting, transformer, torch.float32, nowhere(tmp_path))
+    assert hub.requests == []
+
+
+def test_a_download_of_a_diffusers_repo_fetches_its_config_and_weights(hub, releases, transformer, tmp_path):
+    repo = "someone/zimage-controlnet-diffusers"
+    controlnet = load_controlnet(repo, transformer, torch.float32, downloading(tmp_path, hub))
+    assert hub.fetched(repo) == set(folder_files(releases["2.1"][0])) and "README.md" not in hub.fetched(repo)
+    assert controlnet.config.control_in_dim == CONTROL_CONFIGS["2.1"]["control_in_dim"]
+
+
+def test_a_release_the_repo_does_not_hold_is_named_in_the_error(hub, transformer, tmp_path):
+    setting = f"{UNION}-2.0/Z-Image-Turbo-Fun-Controlnet-Union-9.9.safetensors"
+    with pytest.raises(ModelNotFound) as caught:
+        load_controlnet(setting, transformer, torch.float32, downloading(tmp_path, hub))
+    message = str(caught.value)
+    assert message.startswith(f"CONTROLNET_MODEL: no complete model for '{UNION}-2.0'"), message
+    assert "missing Z-Image-Turbo-Fun-Controlnet-Union-9.9.safetensors" in message
+    assert hub.fetched(f"{UNION}-2.0") == set()
 
 
 def test_a_folder_of_several_releases_asks_for_the_file(releases, transformer, tmp_path):

@@ -12,9 +12,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from diffusers import ZImageInpaintPipeline
 from PIL import Image
 
-from src.inpaint import composite, keeps_everything
+from src.inpaint import InpaintPipeline, composite, keeps_everything
 from src.input_image import Inputs, cover_crop, load_mask
 from src.pixels import to_bytes
 from src.worker import Worker
@@ -170,6 +171,43 @@ def test_guidance_and_the_negative_prompt_apply(worker):
     assert plain["image_url"] != negative["image_url"]
     image, mask = fitted()
     assert np.array_equal(pixels(negative["image_url"])[mask == 0], image[mask == 0])
+
+
+def test_the_pipeline_is_diffusers_bit_for_bit_with_one_vae_encode_per_image_not_two(worker):
+    """The skipped masked-image encode is one Z-Image's loop never reads: the latents do not move."""
+    ours = worker.generator.pipelines["inpainting"]
+    stock = ZImageInpaintPipeline(**ours.components)
+    stock.set_progress_bar_config(disable=True)
+    assert type(ours) is InpaintPipeline and type(stock) is not InpaintPipeline
+    image = cover_crop(Image.fromarray(SOURCE), 256, 256)
+    mask = load_mask(MASK, SOURCE_SIZE, 256, 256)
+    embeds = worker.generator.prompts.embed(JOB["prompt"])
+
+    def latents_and_encodes(pipe) -> tuple[torch.Tensor, int]:
+        encodes: list[int] = []
+        hook = pipe.vae.encoder.register_forward_hook(lambda m, a, out: encodes.append(a[0].shape[0]))
+        try:
+            latents = pipe(
+                prompt_embeds=[embeds],
+                image=[image] * 2,
+                mask_image=mask,
+                strength=0.9,
+                height=256,
+                width=256,
+                num_inference_steps=3,
+                guidance_scale=0.0,
+                num_images_per_prompt=2,
+                generator=[torch.Generator().manual_seed(seed) for seed in (5, 6)],
+                output_type="latent",
+            ).images
+        finally:
+            hook.remove()
+        return latents, sum(encodes)
+
+    latents, encodes = latents_and_encodes(ours)
+    reference, reference_encodes = latents_and_encodes(stock)
+    assert torch.equal(latents, reference)
+    assert (encodes, reference_encodes) == (2, 4)  # images VAE-encoded: one each, against two each
 
 
 # ------------------------------------------------------------------- bad masks

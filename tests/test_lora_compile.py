@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from torch._dynamo.utils import counters
 
 from src.lora_adapters import LoraAdapters
@@ -21,22 +22,34 @@ from tests.tiny_loras import make_lora, save_lora
 
 
 @pytest.fixture(scope="module")
-def compiled_worker(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Worker:
+def lora_dir(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("loras")
     save_lora(*make_lora(tiny_model, seed=21), folder / "a.safetensors", "kohya")
     save_lora(*make_lora(tiny_model, seed=22, rank=8), folder / "b.safetensors", "diffusers")
     save_lora(*make_lora(tiny_model, seed=23, rank=2), folder / "c.safetensors", "comfyui")
+    return folder
+
+
+def start_compiled(tiny_model: Path, lora_dir: Path, cache: Path) -> Worker:
+    """What Worker.start does on CUDA with ZIMAGE_COMPILE=1, up to its warm-up: slots, then the compile."""
+    # Graphs compiled for another worker in this process would be reused and hide this one's compiles.
+    torch._dynamo.reset()
     settings = Settings(
         model=str(tiny_model),
         safety_checker_model="none",
-        lora_dirs=(str(folder),),
-        lora_cache_dir=str(tmp_path_factory.mktemp("cache")),
+        lora_dirs=(str(lora_dir),),
+        lora_cache_dir=str(cache),
     )
     worker = Worker.start(settings)
-    # What Worker.start does on CUDA with ZIMAGE_COMPILE=1: slots first, then the compile.
     worker.loras = LoraAdapters(worker.generator.text_to_image, worker.loras.files, 6, hotswap=True)
     worker.generator.text_to_image.transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
     return worker
+
+
+@pytest.fixture(scope="module")
+def compiled_worker(tiny_model: Path, lora_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Worker:
+    """Compiled, but not warmed up with the LoRA slots: the first LoRA job compiles their graph."""
+    return start_compiled(tiny_model, lora_dir, tmp_path_factory.mktemp("cache"))
 
 
 def run(worker: Worker, loras: list) -> tuple[np.ndarray, int]:
@@ -46,6 +59,23 @@ def run(worker: Worker, loras: list) -> tuple[np.ndarray, int]:
     assert "error" not in output, output
     pixels = np.asarray(decode_data_uri(output["image_url"]).convert("RGB")).astype(int)
     return pixels, counters["stats"]["unique_graphs"] - before
+
+
+def test_the_warm_up_compiles_the_lora_graph_so_the_first_lora_job_compiles_nothing(
+    tiny_model, lora_dir, tmp_path
+):
+    worker = start_compiled(tiny_model, lora_dir, tmp_path)
+    before = counters["stats"]["unique_graphs"]
+    # Worker.start's own call on CUDA with ZIMAGE_COMPILE=1: every preset size, with the slots.
+    worker.generator.warm_up(compiled=True, lora_slots=worker.loras.slots)
+    assert counters["stats"]["unique_graphs"] > before
+    base, compiled = run(worker, [])
+    assert compiled == 0
+    for loras in ([{"path": "a.safetensors"}], [{"path": "b.safetensors", "scale": -0.5}]):
+        _, compiled = run(worker, loras)
+        assert compiled == 0, loras
+    again, compiled = run(worker, [])
+    assert compiled == 0 and np.array_equal(again, base)  # the warm-up left the base weights on
 
 
 def test_switching_loras_does_not_recompile_and_matches_diffusers(compiled_worker, tiny_model):
