@@ -4,7 +4,10 @@
     python benchmarks/job_loop.py --quick    # this worker's loop at MAX_CONCURRENCY 2 only
 
 `python handler.py` runs as deployed, against the loopback stand-in for Runpod's queue in
-tests/loopback_servers.py, with a backlog of 512*512 jobs. Each variant is one of:
+tests/loopback_servers.py, with a backlog of 512*512 jobs (and of 1024*1024 jobs for the
+wrapper's overhead). The yardstick, measured in the same run: diffusers' own pipeline called
+back to back in a fresh process (benchmarks/bare_diffusers.py); `vs_bare` is jobs/s over its
+jobs/s at the same size. Each variant is one of:
 - loop: this worker's (src/job_loop.py) or the SDK's stock `JobScaler`
   (benchmarks/stock_loop_worker.py), both with the same async handler;
 - MAX_CONCURRENCY 1 or 2;
@@ -43,11 +46,36 @@ SCRIPTS = {"this worker's": "handler.py", "SDK stock": "benchmarks/stock_loop_wo
 UPLOAD_DELAY_S = 0.2
 
 
-def measure(model: Path, loop: str, concurrency: int, store_url: str | None, jobs: int, logs: Path) -> dict:
+def bare(model: Path, size: str, jobs: int) -> dict:
+    """diffusers alone, back to back, in its own process: a row with this file's columns."""
+    done = subprocess.run(
+        [sys.executable, "benchmarks/bare_diffusers.py", "--model", str(model), "--size", size,
+         "--jobs", str(jobs)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900, check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    return {
+        "loop": "bare diffusers",
+        "size": size,
+        "max_concurrency": 1,
+        "delivery": "PIL image, not encoded",
+        "jobs": jobs,
+        "wall_s": round(measured["wall_s"], 2),
+        "jobs_per_s": round(measured["jobs_per_s"], 2),
+        "vs_bare": 1.0,
+        "gpu_busy_pct": "",
+        "job_latency_median_s": round(measured["wall_s"] / jobs, 2),
+    }
+
+
+def measure(
+    model: Path, loop: str, concurrency: int, store_url: str | None, jobs: int, logs: Path, size: str
+) -> dict:
     backlog = [
         {
             "id": f"bench-{i}",
-            "input": {"prompt": f"a harbour at dawn, take {i}", "size": "512*512", "seed": i},
+            "input": {"prompt": f"a harbour at dawn, take {i}", "size": size, "seed": i},
         }
         for i in range(jobs)
     ]
@@ -60,7 +88,7 @@ def measure(model: Path, loop: str, concurrency: int, store_url: str | None, job
             BUCKET_SECRET_ACCESS_KEY=SECRET,
             BUCKET_NAME=BUCKET,
         )
-    log = logs / f"{loop.split()[0]}-{concurrency}-{'store' if store_url else 'uri'}.log"
+    log = logs / f"{loop.split()[0]}-{concurrency}-{'store' if store_url else 'uri'}-{size[:4]}.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [sys.executable, SCRIPTS[loop]], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
@@ -79,11 +107,13 @@ def measure(model: Path, loop: str, concurrency: int, store_url: str | None, job
     busy = sum(sum(r["output"]["timings"][k] for k in GPU_STAGES) for r in queue.results.values()) / 1000
     return {
         "loop": loop,
+        "size": size,
         "max_concurrency": concurrency,
         "delivery": f"S3, +{UPLOAD_DELAY_S * 1000:.0f} ms a request" if store_url else "data URI",
         "jobs": jobs,
         "wall_s": round(wall, 2),
         "jobs_per_s": round(jobs / wall, 2),
+        "vs_bare": "",
         "gpu_busy_pct": round(100 * busy / wall, 1),
         # From taken to result: with 2 slots a job also waits for the one ahead of it on the GPU.
         "job_latency_median_s": round(
@@ -111,7 +141,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="zimage-loop-") as tmp:
         model = args.model or build_tiny_zimage(Path(tmp) / "tiny-zimage")
-        variants = [("this worker's", 2, None)]
+        variants = [("this worker's", 2, None, "512*512")]
         store = proxy = None
         if not args.quick:  # --quick needs no S3 server (moto is a test dependency only)
             store = MotoServer()
@@ -119,16 +149,26 @@ def main() -> None:
             proxy = StoreProxy(store.port)
             proxy.delay = UPLOAD_DELAY_S
             variants = [
-                (loop, concurrency, url)
+                (loop, concurrency, url, "512*512")
                 for url in (None, proxy.url)
                 for loop in SCRIPTS
                 for concurrency in (1, 2)
             ]
-        rows = []
+            # The wrapper's overhead where a job is long enough for it to be a share: 1024*1024.
+            variants += [("this worker's", concurrency, None, "1024*1024") for concurrency in (1, 2)]
+        sizes = sorted({size for *_, size in variants}, key=len)
+        rows, yardstick = [], {}
         try:
-            for loop, concurrency, url in variants:
-                rows.append(measure(model, loop, concurrency, url, args.jobs, Path(tmp)))
+            for size in sizes:
+                rows.append(bare(model, size, args.jobs if size == "512*512" else args.jobs // 2))
+                yardstick[size] = rows[-1]["jobs_per_s"]
                 print(json.dumps(rows[-1]), flush=True)
+            for loop, concurrency, url, size in variants:
+                jobs = args.jobs if size == "512*512" else args.jobs // 2
+                row = measure(model, loop, concurrency, url, jobs, Path(tmp), size)
+                row["vs_bare"] = round(row["jobs_per_s"] / yardstick[size], 2)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
         finally:
             if store is not None:
                 proxy.close()
@@ -139,7 +179,8 @@ def main() -> None:
         "",
         f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         f"- machine: {platform.machine()} CPU, {os.cpu_count()} cores, Python {platform.python_version()}",
-        f"- model: {args.model or 'tiny random model (CPU)'}; {args.jobs} jobs of 512*512, 8 steps, PNG",
+        f"- model: {args.model or 'tiny random model (CPU)'}; {args.jobs} jobs of 512*512 "
+        f"({args.jobs // 2} of 1024*1024), 8 steps, PNG",
         "- command: `python benchmarks/job_loop.py" + (" --quick`" if args.quick else "`"),
         "",
         "",

@@ -1,9 +1,14 @@
 """The GPU stage: one job at a time, stoppable, with its faults told apart.
 
-Every job's GPU work (prompt, denoise, decode, safety) runs as one function on a single
-dedicated thread, so the event loop keeps taking jobs, sending heartbeats and receiving
-stop signals meanwhile, and two jobs never share the GPU. Work waits its turn in that
-thread's queue, in the order it arrived.
+Every job's GPU work (LoRA activation, prompt, denoise, decode, composite, safety, the
+conversion to bytes) runs as one function on a single dedicated thread, so the event loop
+keeps taking jobs, sending heartbeats and receiving stop signals meanwhile, and two jobs
+never share the GPU. Work waits its turn in that thread's queue, in the order it arrived.
+
+That thread is the only one that runs torch, loading and warm-up included (`call`): torch
+keeps a team of OpenMP threads for each thread that runs its ops, and two teams on the same
+cores slow every op in the process (1.7x measured on a 2-core CPU). I/O threads fetch, read
+files, encode pictures with PIL and upload; they run no torch op.
 
 A stopped job (the SDK cancels its task) sets its `Stop`; the running function notices at
 the next denoising step and raises `JobStopped`. The GPU is handed to the next job only
@@ -91,6 +96,10 @@ class GpuStage:
     def __init__(self) -> None:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
         self.faulted = False  # set once; a faulted worker takes no more GPU work
+
+    def call(self, work: Callable[[], T]) -> T:
+        """`work` on the GPU thread, blocking the caller: start-up, before any job runs."""
+        return self._thread.submit(work).result()
 
     async def run(self, work: Callable[[], T], stop: Stop) -> T:
         """Run `work` on the GPU thread when its turn comes; stoppable while it waits or runs."""

@@ -1,13 +1,15 @@
-"""LoRA adapters in the transformer: read and check on an I/O thread, activate on the GPU thread.
+"""LoRA adapters in the transformer: fetched and read on an I/O thread, activated on the GPU thread.
 
-`prepare` (I/O thread, beside other jobs) fetches each file (src/lora_files.py), and for an
-adapter not already loaded reads it and converts its keys with diffusers' own Z-Image
-converter (diffusers/PEFT, kohya/musubi, ComfyUI/ai-toolkit, LoKr). A file whose keys match
-no Z-Image transformer module fails naming `loras[i]` and what it looks like instead:
-diffusers itself would only log a warning and leave the picture unchanged.
+`prepare` (I/O thread, beside other jobs) fetches each file (src/lora_files.py) and, for an
+adapter not already loaded, reads its tensors. Nothing more: the key conversion is torch work
+(concatenations, alpha scaling), and torch runs on the GPU thread only (src/gpu.py says why).
 
-`activate` (GPU thread, inside the job's GPU stage) loads what is missing under a name taken
-from the file's sha256, and turns on exactly the job's adapters at their scales; a job without
+`activate` (GPU thread, inside the job's GPU stage) converts what was read with diffusers' own
+Z-Image converter (diffusers/PEFT, kohya/musubi, ComfyUI/ai-toolkit, LoKr); a file whose keys
+match no Z-Image transformer module fails naming `loras[i]` and what it looks like instead
+(diffusers itself would only log a warning and leave the picture unchanged). It then loads
+what is missing under a name taken from the file's sha256, and turns on exactly the job's
+adapters at their scales; a job without
 LoRAs disables every adapter, so the base weights run the same kernels as a worker that never
 loaded one. Up to `LORA_MAX_LOADED` adapters stay loaded; the least recently used go first.
 """
@@ -51,8 +53,11 @@ ADAPTER_KEY = re.compile(r"^transformer\.(.+?)\.(lora_[AB]|lora_down|lora_up|lok
 class PreparedLora:
     file: LoraFile
     scale: float
-    state: dict[str, torch.Tensor] | None  # None: already loaded when prepared
+    # The file's tensors as read (I/O thread), then in diffusers' layout (GPU thread); both None
+    # when the adapter was already loaded at prepare time.
+    raw: dict[str, torch.Tensor] | None = None
     metadata: dict | None = None
+    state: dict[str, torch.Tensor] | None = None
 
     @property
     def adapter(self) -> str:
@@ -72,27 +77,38 @@ class LoraAdapters:
         self.slots = HotswapSlots(pipe) if hotswap else None
 
     def prepare(self, specs: list, stop: Stop) -> list[PreparedLora]:
-        """Each `loras[i]` as a checked local file, read and converted unless already loaded."""
+        """I/O thread: each `loras[i]` as a checked local file, its tensors read unless already loaded."""
         prepared = []
         for index, spec in enumerate(specs):
             file = self.files.fetch(index, spec.path, stop)
-            lora = PreparedLora(file, spec.scale, None)
+            lora = PreparedLora(file, spec.scale)
             held = self.slots.holds(file.digest) if self.slots else lora.adapter in self.loaded
             if not held:  # a stale answer only means activate() reads it
-                lora.state, lora.metadata = self.read(file)
+                lora.raw, lora.metadata = self.load(file)
             prepared.append(lora)
         return prepared
 
     def read(self, file: LoraFile) -> tuple[dict[str, torch.Tensor], dict | None]:
-        """The file's tensors in diffusers' layout, only those for Z-Image modules, and its PEFT metadata."""
-        name = f"loras[{file.index}]"
+        """GPU thread: the file's tensors in diffusers' layout and its PEFT metadata."""
+        raw, metadata = self.load(file)
+        return self.convert(file, raw), metadata
+
+    @staticmethod
+    def load(file: LoraFile) -> tuple[dict[str, torch.Tensor], dict | None]:
+        """The file's tensors as stored, and its PEFT metadata; only reads, so any thread may."""
         try:
             raw = load_file(file.path, device="cpu")
             with safe_open(file.path, framework="pt") as handle:
                 meta = (handle.metadata() or {}).get(LORA_ADAPTER_METADATA_KEY)
-            metadata = json.loads(meta) if meta else None
+            return raw, json.loads(meta) if meta else None
         except (SafetensorError, OSError, ValueError) as err:
-            raise JobError(f"{name}: the safetensors file cannot be read ({type(err).__name__})") from None
+            raise JobError(
+                f"loras[{file.index}]: the safetensors file cannot be read ({type(err).__name__})"
+            ) from None
+
+    def convert(self, file: LoraFile, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """GPU thread: diffusers' conversion, keeping only the tensors for Z-Image modules."""
+        name = f"loras[{file.index}]"
         try:
             converted = ZImagePipeline.lora_state_dict(dict(raw))
         except (ValueError, KeyError, IndexError, RuntimeError, AttributeError):
@@ -112,10 +128,13 @@ class LoraAdapters:
             )
         if unmatched:
             log.warning("%s (%s): %d tensors match no Z-Image module, ignored", name, file.short, unmatched)
-        return state, metadata
+        return state
 
     def activate(self, prepared: list[PreparedLora]) -> None:
         """On the GPU thread: exactly these adapters at these scales, or none (the base weights)."""
+        for lora in prepared:  # every file is checked, whether or not it gets loaded below
+            if lora.raw is not None:
+                lora.state, lora.raw = self.convert(lora.file, lora.raw), None
         if self.slots is not None:
             self.slots.activate(prepared, self.read)
             return

@@ -15,8 +15,10 @@ class Stopwatch:
         self.timings: dict[str, float] = {}
         self.start = self.began = time.perf_counter()
 
-    def lap(self, name: str) -> None:
-        if self.device is not None and self.device.type == "cuda":
+    def lap(self, name: str, *, sync: bool = True) -> None:
+        """`sync=False` off the GPU thread: there, waiting for the GPU would wait for another
+        job's kernels (and block the event loop for as long)."""
+        if sync and self.device is not None and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
         self.timings[name] = round(self.timings.get(name, 0.0) + (now - self.start) * 1000, 1)

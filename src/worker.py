@@ -49,6 +49,8 @@ from src.timing import Stopwatch
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# A job's progress updates are sent at most this often (and its last step always).
+PROGRESS_EVERY_S = 0.5
 # Runpod rejects results over 20 MB (/run: 10 MB); data URIs past that fail the job instead.
 MAX_RESULT_BYTES = 20_000_000
 TIMING_KEYS = (
@@ -77,7 +79,19 @@ class Worker:
 
     @classmethod
     def start(cls, settings: Settings, roots: SearchRoots | None = None) -> Worker:
-        """Load everything a job needs, logging each part of the cold start."""
+        """Load everything a job needs on the GPU thread, where every later torch op runs too.
+
+        Torch keeps a team of OpenMP threads per thread that runs it: once a second thread has
+        run torch ops, every CPU op in the process slows down (measured 1.7x on a 2-core CPU,
+        BENCHMARKS.md), and on a GPU the thread that launches kernels pays for it. So loading,
+        warm-up and every job's torch work share the one GPU thread (src/gpu.py).
+        """
+        gpu = GpuStage()
+        return gpu.call(partial(cls._load, settings, roots, gpu))
+
+    @classmethod
+    def _load(cls, settings: Settings, roots: SearchRoots | None, gpu: GpuStage) -> Worker:
+        """Each part of the cold start in order, each timed and logged."""
         device, dtype = pick_device()
         clock = Stopwatch(device)
         roots = roots or SearchRoots(allow_download=settings.allow_download)
@@ -115,11 +129,11 @@ class Worker:
         clock.lap("load_safety_checker")
         storage = Storage(settings) if settings.storage_enabled else None
         clock.lap("connect_storage")
-        generator.warm_up(compiled=settings.compile)
+        generator.warm_up(compiled=settings.compile, lora_slots=loras.slots)
         clock.lap("warm_up")
         parts = ", ".join(f"{name} {ms:.0f} ms" for name, ms in clock.timings.items())
         log.info("ready on %s (%s): %s", device, str(dtype).removeprefix("torch."), parts)
-        return cls(settings, generator, safety, storage, loras, depth=depth)
+        return cls(settings, generator, safety, storage, loras, gpu=gpu, depth=depth)
 
     async def handle(self, job: dict[str, Any]) -> dict[str, Any]:
         """The SDK's handler: a job's output, or the one error shape; the worker serves on."""
@@ -201,10 +215,11 @@ class Worker:
         kept, images, flags = await self.gpu.run(work, stop)
 
         # 3. Encode and deliver.
+        #    Off the GPU thread, so no lap waits for the GPU (it may be running another job).
         encoded = await run_stoppable(None, self._encode, stop, images, request)
-        clock.lap("encode_image")
+        clock.lap("encode_image", sync=False)
         urls = await run_stoppable(None, self._deliver, stop, job_id, encoded, request, stop)
-        clock.lap("upload")
+        clock.lap("upload", sync=False)
         return self._output(request, seed, kept, urls, flags, clock)
 
     def _on_gpu(
@@ -298,12 +313,24 @@ class Worker:
 
 
 def _progress_reporter(job: dict[str, Any], settings: Settings) -> StepCallback | None:
-    """Per-step progress through the Runpod SDK, only where a platform receives it."""
+    """Progress through the Runpod SDK, only where a platform receives it: the first step, then
+    at most one update every PROGRESS_EVERY_S, and the last step.
+
+    The SDK sends each update from a new thread with a new HTTP session; one per step would
+    take CPU from the GPU thread (8 of them per 0.2 s job on the tiny CPU model, BENCHMARKS.md).
+    """
     if not settings.report_progress:
         return None
     from runpod.serverless import progress_update
 
+    last_sent = -PROGRESS_EVERY_S  # so the first step goes out at once
+
     def report(step: int, total: int) -> None:
+        nonlocal last_sent
+        now = time.monotonic()
+        if step < total and now - last_sent < PROGRESS_EVERY_S:
+            return
+        last_sent = now
         progress_update(job, {"stage": "denoise", "step": step, "steps": total})
 
     return report

@@ -36,7 +36,9 @@ def test_the_job_loop_benchmark_runs_and_writes_its_table(tmp_path):
         timeout=300,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    row = json.loads(done.stdout.splitlines()[0])
+    yardstick, row = (json.loads(line) for line in done.stdout.splitlines()[:2])
+    assert yardstick["loop"] == "bare diffusers" and yardstick["jobs_per_s"] > 0
     assert row["loop"] == "this worker's" and row["max_concurrency"] == 2 and row["jobs"] == 3
     assert 0 < row["gpu_busy_pct"] <= 100 and row["jobs_per_s"] > 0
-    assert "| this worker's | 2 | data URI | 3 |" in out.read_text()
+    assert row["vs_bare"] == round(row["jobs_per_s"] / yardstick["jobs_per_s"], 2)
+    assert "| this worker's | 512*512 | 2 | data URI | 3 |" in out.read_text()

@@ -67,8 +67,10 @@ def test_a_backlog_is_served_in_order_with_the_bytes_of_one_job_at_a_time(tiny_m
         for i in range(12):
             result = queue.results[f"job-{i}"]
             assert "error" not in result, result
+            # The first step, at most two updates a second, and the last step.
             steps = 1 + i % 3
-            assert [p["step"] for p in queue.progress[f"job-{i}"]] == list(range(1, steps + 1))
+            sent = [p["step"] for p in queue.progress[f"job-{i}"]]  # each from its own SDK thread
+            assert {1, steps} <= set(sent) and len(sent) == len(set(sent)), sent
             assert {p["steps"] for p in queue.progress[f"job-{i}"]} == {steps}
         assert queue.pings >= 1
         assert all("job_in_progress=" in url for url in queue.take_requests)
@@ -85,6 +87,29 @@ def test_a_backlog_is_served_in_order_with_the_bytes_of_one_job_at_a_time(tiny_m
     # With two slots the SDK asks for jobs two at a time; with one, singly.
     assert any("/job-take-batch/" in url for url in two.take_requests)
     assert not any("/job-take-batch/" in url for url in one.take_requests)
+
+
+def test_progress_goes_out_for_the_first_step_then_at_most_twice_a_second_and_the_last(monkeypatch):
+    import runpod.serverless
+
+    from src.settings import Settings
+    from src.worker import PROGRESS_EVERY_S, _progress_reporter
+
+    sent: list[tuple[float, int]] = []
+    monkeypatch.setattr(
+        runpod.serverless,
+        "progress_update",
+        lambda job, progress: sent.append((time.monotonic(), progress["step"])),
+    )
+    report = _progress_reporter({"id": "j"}, Settings(report_progress=True))
+    for step in range(1, 31):
+        report(step, 30)
+        time.sleep(0.05)
+    steps = [step for _, step in sent]
+    assert steps[0] == 1 and steps[-1] == 30 and 3 <= len(steps) <= 6, steps
+    gaps = [b - a for (a, _), (b, _) in zip(sent[:-1], sent[1:-1], strict=False)]
+    assert all(gap >= PROGRESS_EVERY_S for gap in gaps), gaps
+    assert _progress_reporter({"id": "j"}, Settings(report_progress=False)) is None
 
 
 def in_flight(queue: JobQueue, moment: float) -> int:
@@ -165,12 +190,31 @@ def test_a_gpu_fault_asks_runpod_for_a_new_worker_and_takes_no_more_jobs(tiny_mo
 
 
 def test_the_sdk_still_builds_its_scaler_where_the_worker_installs_its_own():
-    """src/job_loop.py replaces `rp_scale.JobScaler` and two of its waits; a runpod upgrade that
-    moves either fails here, not silently in production."""
+    """src/job_loop.py replaces `rp_scale.JobScaler` (its taking loop, stop poll and waits), the
+    result post and the heartbeat where the SDK looks them up; a runpod upgrade that moves any
+    of them fails here, not silently in production."""
     from runpod.serverless import worker as sdk_worker
-    from runpod.serverless.modules import rp_scale
+    from runpod.serverless.modules import rp_http, rp_job, rp_ping, rp_progress, rp_scale
 
     assert "rp_scale.JobScaler(config)" in inspect.getsource(sdk_worker.run_worker)
+    running = inspect.getsource(rp_scale.JobScaler.run)
+    for loop in ("self.get_jobs(session)", "self.run_jobs(session)", "self.monitor_stop_signals(session)"):
+        assert loop in running, loop
     taking = inspect.getsource(rp_scale.JobScaler.get_jobs)
-    assert "await self.set_scale()" in taking and "await asyncio.sleep(1)" in taking
+    assert "await self.set_scale()" in taking and "self.job_progress.add(job)" in taking
     assert "jobs_queue.get()" in inspect.getsource(rp_scale.JobScaler.run_jobs)
+    # The calls src/job_api.py makes build their URLs as the SDK's do, from these.
+    assert list(inspect.signature(rp_job._job_get_url).parameters) == ["batch_size"]
+    assert callable(rp_job._job_stop_url) and isinstance(rp_http.JOB_DONE_URL, str)
+    # Results and progress are posted through the names `send_result` in rp_job and rp_progress.
+    assert "from .rp_http import send_result" in inspect.getsource(rp_job)
+    assert "await send_result(session, job_result, job" in inspect.getsource(rp_job.handle_job)
+    assert "from .rp_http import send_result" in inspect.getsource(rp_progress)
+    progress = inspect.getsource(rp_progress._async_progress_update)
+    assert "await send_result(session, job_data, job)" in progress
+    # The heartbeat process is started by the name `Heartbeat` in rp_ping and pings in `_send_ping`.
+    assert "Process(target=Heartbeat.process_loop" in inspect.getsource(rp_ping.Heartbeat.start_ping)
+    assert "self._send_ping()" in inspect.getsource(rp_ping.Heartbeat.ping_loop)
+    heartbeat = inspect.getsource(rp_ping.Heartbeat.__init__)
+    for name in ("self.PING_URL", "self.PING_INTERVAL", "self._session", "self._mirror"):
+        assert name in heartbeat, name
