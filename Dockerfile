@@ -38,7 +38,7 @@ COPY requirements.txt /tmp/requirements.txt
 RUN pip install --no-cache-dir "torch==2.13.0" --index-url "$TORCH_INDEX_URL" \
     && pip install --no-cache-dir -r /tmp/requirements.txt
 
-# 2. Weights, baked into /models/<repo name> where src/model_files.py looks for them.
+# 2. Weights, baked into /models/<repo name> where src/model/files.py looks for them.
 #    Only the download script is copied here, so editing the worker keeps this layer cached.
 #    Pin the revisions (a commit hash) for reproducible images: "" means the main branch.
 #    BAKE_WEIGHTS: 1 both models; safety the 0.3 GB checker only (an endpoint's cached model

@@ -5,7 +5,7 @@
     python handler.py --rp_serve_api --rp_api_port 8000 # local /runsync, /run, /status
 
 Deployed, this file is the container's command: the weights load once, before the
-first job is taken, then the Runpod SDK's job loop (src/job_loop.py) keeps up to
+first job is taken, then the Runpod SDK's job loop (src/jobs/job_loop.py) keeps up to
 MAX_CONCURRENCY jobs in flight. The work lives in src/ (see README, "Layout").
 """
 
@@ -17,12 +17,12 @@ import logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 
-from src.job_loop import serve  # noqa: E402
-from src.logs import add_secret, configure_logging  # noqa: E402
-from src.model_files import ModelNotFound  # noqa: E402
-from src.safety import SafetyModelError  # noqa: E402
-from src.settings import Settings, SettingsError  # noqa: E402
-from src.worker import Worker  # noqa: E402
+from src.jobs.job_loop import serve  # noqa: E402
+from src.jobs.worker import Worker  # noqa: E402
+from src.model.files import ModelNotFound  # noqa: E402
+from src.model.safety import SafetyModelError  # noqa: E402
+from src.runtime.logs import add_secret, configure_logging  # noqa: E402
+from src.runtime.settings import Settings, SettingsError  # noqa: E402
 
 log = logging.getLogger("src.handler")
 

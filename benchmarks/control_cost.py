@@ -24,8 +24,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.run import photo_like  # noqa: E402
 from builder.tiny_model import build_tiny_zimage  # noqa: E402
-from src.settings import Settings  # noqa: E402
-from src.worker import Worker  # noqa: E402
+from src.jobs.worker import Worker  # noqa: E402
+from src.runtime.settings import Settings  # noqa: E402
 from tests.tiny_controlnets import build_tiny_depth, save_controlnet  # noqa: E402
 
 STAGES = ("total", "preprocess_control", "denoise")

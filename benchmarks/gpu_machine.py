@@ -31,7 +31,7 @@ MODULES = {
     "pydantic": "pydantic",
 }
 # Beyond requirements.txt: what the worker's options and the benchmark import.
-EXTRA = {"torchao": "torchao.quantization", "worker": "src.worker", "ZImagePipeline": "diffusers"}
+EXTRA = {"torchao": "torchao.quantization", "worker": "src.jobs.worker", "ZImagePipeline": "diffusers"}
 
 
 def gpu_facts() -> dict:

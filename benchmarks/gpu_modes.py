@@ -19,11 +19,11 @@ from diffusers import ZImageControlNetModel
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
-from src.controlnet_configs import release_config
-from src.pipeline import ZImageGenerator
-from src.request import GenerateRequest
-from src.settings import Settings
-from src.worker import Worker
+from src.control.configs import release_config
+from src.jobs.worker import Worker
+from src.model.pipeline import ZImageGenerator
+from src.request.schema import GenerateRequest
+from src.runtime.settings import Settings
 
 # Run on the worker before the mode's jobs; what it returns goes into the mode's row.
 Prepare = Callable[[Worker], dict[str, Any]]
@@ -76,7 +76,7 @@ def centre_mask(width: int, height: int) -> str:
 def random_controlnet(worker: Worker) -> dict[str, Any]:
     """Give the worker a random 2.1 ControlNet of the real size, built on its device.
 
-    The 2.1 release's config on the worker's transformer (src/controlnet_configs.py; 3.36B
+    The 2.1 release's config on the worker's transformer (src/control/configs.py; 3.36B
     parameters on the full-size model), torch's default random init straight in the worker's
     dtype and on its device: no 6.7 GB file to write and read, and no float32 copy. (diffusers
     zero-initialises the projections that feed the hints in: the same matmuls, so the same time.)

@@ -35,8 +35,8 @@ from benchmarks.gpu_bench import Config, emit, injected_fault  # noqa: E402
 from benchmarks.gpu_modes import lora_folder, lora_settings, newer_modes  # noqa: E402
 from benchmarks.run import PROMPT, build_full_size, photo_like  # noqa: E402
 from builder.tiny_model import build_tiny_zimage  # noqa: E402
-from src.settings import Settings  # noqa: E402
-from src.worker import Worker  # noqa: E402
+from src.jobs.worker import Worker  # noqa: E402
+from src.runtime.settings import Settings  # noqa: E402
 
 IMPORTED = time.time()
 CONFIG = Config.from_env()

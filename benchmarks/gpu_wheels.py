@@ -44,7 +44,7 @@ ALSO = {
     "pynacl": "1.6.2",
     "cffi": "2.1.1",
     "invoke": "3.0.3",
-    # src/storage.py imports boto3 at module level, so the worker needs it even without a
+    # src/delivery/storage.py imports boto3 at module level, so the worker needs it even without a
     # bucket; botocore is half of this folder's size.
     "botocore": "1.44.8",
     "s3transfer": "0.19.3",

@@ -6,7 +6,7 @@ Both jobs take the same 1024x1024 photo-like picture, strength 0.8, 8 steps, PNG
 the inpainting job adds a mask (left half kept, right half regenerated). The jobs alternate,
 so a busy machine slows both alike; each figure is the median of --runs jobs after one
 warm-up job of each, read from the `timings` a caller sees. The composite alone is timed on
-the same tensors. Then the saving of src/inpaint.py's InpaintPipeline: diffusers' own
+the same tensors. Then the saving of src/model/inpaint.py's InpaintPipeline: diffusers' own
 ZImageInpaintPipeline and the worker's, called alternately on the same components, picture, mask
 and seed (output_type "latent", so the same work as the job's denoise stage), checked to give the
 same latents; and one VAE encode of the picture alone, which is what the worker skips.
@@ -36,10 +36,10 @@ from PIL import Image  # noqa: E402
 
 from benchmarks.run import PROMPT, photo_like, run_job  # noqa: E402
 from builder.tiny_model import build_tiny_zimage  # noqa: E402
-from src.inpaint import composite  # noqa: E402
-from src.input_image import Inputs  # noqa: E402
-from src.settings import Settings  # noqa: E402
-from src.worker import Worker  # noqa: E402
+from src.inputs.pictures import Inputs  # noqa: E402
+from src.jobs.worker import Worker  # noqa: E402
+from src.model.inpaint import composite  # noqa: E402
+from src.runtime.settings import Settings  # noqa: E402
 from tests.conftest import data_uri_of  # noqa: E402
 
 SIDE = 1024
@@ -191,7 +191,7 @@ def report(
             "inpainting pipeline does: a latent blend at every step, and decoding the mask. A stage "
             "difference smaller than the spread of the totals is noise on a shared machine.",
             "",
-            "## The skipped masked-image encode (src/inpaint.py's InpaintPipeline)",
+            "## The skipped masked-image encode (src/model/inpaint.py's InpaintPipeline)",
             "",
             f"diffusers' ZImageInpaintPipeline against the worker's, {SIDE}x{SIDE}, strength 0.8, 8 steps, "
             f"one image, output_type latent, alternating, medians of {runs} after a warm-up call of each; "

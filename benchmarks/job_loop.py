@@ -8,7 +8,7 @@ tests/loopback_servers.py, with a backlog of 512*512 jobs (and of 1024*1024 jobs
 wrapper's overhead). The yardstick, measured in the same run: diffusers' own pipeline called
 back to back in a fresh process (benchmarks/bare_diffusers.py); `vs_bare` is jobs/s over its
 jobs/s at the same size. Each variant is one of:
-- loop: this worker's (src/job_loop.py) or the SDK's stock `JobScaler`
+- loop: this worker's (src/jobs/job_loop.py) or the SDK's stock `JobScaler`
   (benchmarks/stock_loop_worker.py), both with the same async handler;
 - MAX_CONCURRENCY 1 or 2;
 - delivery: data URIs, or a loopback S3 store (moto) behind a proxy that holds every

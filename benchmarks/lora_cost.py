@@ -31,10 +31,10 @@ import torch  # noqa: E402
 
 from benchmarks.run import full_size_pipeline  # noqa: E402
 from builder.tiny_model import build_tiny_zimage  # noqa: E402
-from src.lora_adapters import LoraAdapters  # noqa: E402
-from src.lora_hotswap import SLOTS  # noqa: E402
-from src.settings import Settings  # noqa: E402
-from src.worker import Worker  # noqa: E402
+from src.jobs.worker import Worker  # noqa: E402
+from src.lora.adapters import LoraAdapters  # noqa: E402
+from src.lora.hotswap import SLOTS  # noqa: E402
+from src.runtime.settings import Settings  # noqa: E402
 from tests.tiny_loras import make_lora, save_lora  # noqa: E402
 
 

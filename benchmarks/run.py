@@ -40,11 +40,11 @@ from PIL import Image  # noqa: E402
 
 from benchmarks.gpu_report import END, START, replace_section  # noqa: E402
 from builder.tiny_model import build_tiny_zimage, tiny_tokenizer  # noqa: E402
-from src.output_image import encode_image, fast_png  # noqa: E402
-from src.pipeline import ZImageGenerator, pick_device  # noqa: E402
-from src.request import PRESET_SIZES  # noqa: E402
-from src.settings import Settings  # noqa: E402
-from src.worker import Worker  # noqa: E402
+from src.delivery.encoding import encode_image, fast_png  # noqa: E402
+from src.jobs.worker import Worker  # noqa: E402
+from src.model.pipeline import ZImageGenerator, pick_device  # noqa: E402
+from src.request.schema import PRESET_SIZES  # noqa: E402
+from src.runtime.settings import Settings  # noqa: E402
 
 STAGES = ("encode_prompt", "denoise", "decode", "safety", "encode_image", "upload", "total")
 PROMPT = "A cozy reading nook by a rain-streaked window, warm lamp light, a cat asleep on a stack of books"

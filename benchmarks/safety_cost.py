@@ -31,8 +31,8 @@ import torch  # noqa: E402
 from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor  # noqa: E402
 
 from builder.tiny_model import build_tiny_safety_checker  # noqa: E402
-from src.pipeline import pick_device  # noqa: E402
-from src.safety import SafetyChecker  # noqa: E402
+from src.model.pipeline import pick_device  # noqa: E402
+from src.model.safety import SafetyChecker  # noqa: E402
 
 SIDE = 1024
 BATCHES = (1, 4)

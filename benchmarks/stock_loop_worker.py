@@ -1,6 +1,6 @@
 """`handler.py` in the Runpod SDK's stock job loop, for comparison (benchmarks/job_loop.py).
 
-The same async handler and `concurrency_modifier`, without src/job_loop.py's scaler: what
+The same async handler and `concurrency_modifier`, without src/jobs/job_loop.py's scaler: what
 `runpod.serverless.start` alone does with this worker.
 """
 

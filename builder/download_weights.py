@@ -4,7 +4,7 @@
         --zimage-repo Tongyi-MAI/Z-Image-Turbo --zimage-revision <commit> \\
         --safety-repo Falconsai/nsfw_image_detection --safety-revision <commit>
 
-Writes /models/<repo name> for each repo, where src/model_files.py looks for baked weights.
+Writes /models/<repo name> for each repo, where src/model/files.py looks for baked weights.
 Only safetensors and the configs and tokenizer files that `from_pretrained` reads are
 fetched: never pickles (.bin, .pt, .ckpt) nor other runtimes' formats (.onnx, .gguf).
 
@@ -316,7 +316,7 @@ def _update_config_dtype(component: Path) -> None:
 
 
 def repo_folder(dest: Path, repo_id: str) -> Path:
-    """/models/<repo name>: the path src/model_files.py checks for baked weights."""
+    """/models/<repo name>: the path src/model/files.py checks for baked weights."""
     return dest / repo_id.split("/")[-1]
 
 

@@ -1,1 +1,2 @@
-"""Z-Image Turbo on the Runpod serverless SDK: one module per concern (see README)."""
+"""Z-Image on the Runpod serverless SDK: eight packages, each importing only those below it
+(README, "Layout")."""

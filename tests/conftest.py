@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from builder.tiny_model import build_tiny_safety_checker, build_tiny_zimage  # noqa: E402
-from src.settings import Settings  # noqa: E402
-from src.worker import Worker  # noqa: E402
+from src.jobs.worker import Worker  # noqa: E402
+from src.runtime.settings import Settings  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import handler  # noqa: E402
-from src.pipeline import ZImageGenerator  # noqa: E402
+from src.model.pipeline import ZImageGenerator  # noqa: E402
 
 FAULT_PROMPT = "inject a CUDA fault"
 _generate = ZImageGenerator.generate

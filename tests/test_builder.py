@@ -26,8 +26,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from builder import download_weights as dw
-from src.controlnet import load_controlnet
-from src.model_files import SearchRoots, missing_classifier_files, missing_pipeline_files
+from src.control.controlnet import load_controlnet
+from src.model.files import SearchRoots, missing_classifier_files, missing_pipeline_files
 from tests.tiny_controlnets import build_tiny_depth, save_controlnet
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -394,7 +394,7 @@ def test_conversion_leaves_fp32_modules_and_integers_alone(tmp_path):
 def test_main_bakes_both_models_where_the_worker_looks(hub, never_flags, tmp_path):
     assert dw.main(["--dest", str(tmp_path), "--endpoint", hub.url]) == 0
 
-    # /models/<repo name>: the folders src/model_files.py checks for baked weights.
+    # /models/<repo name>: the folders src/model/files.py checks for baked weights.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Z-Image-Turbo", "nsfw_image_detection"]
     assert missing_pipeline_files(tmp_path / "Z-Image-Turbo") == []
     assert dtypes(tmp_path / "Z-Image-Turbo/transformer") == {"torch.bfloat16"}

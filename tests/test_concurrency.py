@@ -15,8 +15,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from src.gpu import GpuStage, is_cuda_fault
-from src.worker import Worker
+from src.jobs.worker import Worker
+from src.runtime.gpu import GpuStage, is_cuda_fault
 from tests.conftest import data_uri_of, handle_job, png_bytes
 
 SMALL = {"size": "256*256", "num_inference_steps": 2}

@@ -12,11 +12,11 @@ from diffusers import ZImageTransformer2DModel
 from huggingface_hub import constants
 from safetensors.torch import save_file
 
-from src.controlnet import load_controlnet, load_release
-from src.controlnet_configs import CONTROL_CONFIGS, detect_version, release_config
-from src.model_files import ModelNotFound, SearchRoots
-from src.settings import Settings
-from src.worker import Worker
+from src.control.configs import CONTROL_CONFIGS, detect_version, release_config
+from src.control.controlnet import load_controlnet, load_release
+from src.jobs.worker import Worker
+from src.model.files import ModelNotFound, SearchRoots
+from src.runtime.settings import Settings
 from tests.test_builder import LoopbackHub, folder_files
 from tests.tiny_controlnets import save_controlnet
 

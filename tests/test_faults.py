@@ -24,12 +24,12 @@ import pytest
 import requests
 import torch
 
-import src.gpu as gpu_module
-import src.input_image as input_image
-from src.model_files import ModelNotFound
-from src.safety import SafetyModelError
-from src.settings import Settings
-from src.worker import Worker
+import src.inputs.pictures as input_image
+import src.runtime.gpu as gpu_module
+from src.jobs.worker import Worker
+from src.model.files import ModelNotFound
+from src.model.safety import SafetyModelError
+from src.runtime.settings import Settings
 from tests.conftest import (
     data_uri_of,
     decode_data_uri,

@@ -22,8 +22,8 @@ import requests
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from src.errors import JobError
-from src.request import FIELDS, MAX_SEED, GenerateRequest, parse_request
+from src.request.schema import FIELDS, MAX_SEED, GenerateRequest, parse_request
+from src.runtime.errors import JobError
 from tests.conftest import data_uri_of, png_bytes
 from tests.test_bad_input import assert_ssrf_protection_on
 
@@ -187,7 +187,7 @@ def test_hostile_keys_are_not_echoed_unbounded():
     cases = {
         "long key": {"prompt": "a", "k" * 5000: 1},
         "many keys": {"prompt": "a", **{f"k{i}": i for i in range(1000)}},
-        "newline key": {"prompt": "a", "x\nINFO   | src.worker | job forged: done": 1},
+        "newline key": {"prompt": "a", "x\nINFO   | src.jobs.worker | job forged: done": 1},
         "empty key": {"prompt": "a", "": 1},
     }
     for name, raw in cases.items():

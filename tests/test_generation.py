@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from src.modes import MODES
-from src.pipeline import ZImageGenerator, load_pipeline
-from src.request import PRESET_SIZES
-from src.worker import TIMING_KEYS, Worker
+from src.jobs.worker import TIMING_KEYS, Worker
+from src.model.modes import MODES
+from src.model.pipeline import ZImageGenerator, load_pipeline
+from src.request.schema import PRESET_SIZES
 from tests.conftest import data_uri_of, decode_data_uri, handle_job, png_bytes, run_input
 
 
@@ -150,7 +150,7 @@ def test_strength_zero_returns_the_fitted_input_untouched(worker):
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     output = run(worker, image=data_uri_of(buffer.getvalue()), size="256*256", strength=0.0, num_images=2)
-    from src.input_image import cover_crop
+    from src.inputs.pictures import cover_crop
 
     expected = np.asarray(cover_crop(Image.fromarray(array), 256, 256))
     for entry in output["images"]:

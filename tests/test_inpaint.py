@@ -15,10 +15,10 @@ import torch
 from diffusers import ZImageInpaintPipeline
 from PIL import Image
 
-from src.inpaint import InpaintPipeline, composite, keeps_everything
-from src.input_image import Inputs, cover_crop, load_mask
-from src.pixels import to_bytes
-from src.worker import Worker
+from src.inputs.pictures import Inputs, cover_crop, load_mask
+from src.jobs.worker import Worker
+from src.model.inpaint import InpaintPipeline, composite, keeps_everything
+from src.model.pixels import to_bytes
 from tests.conftest import Route, data_uri_of, decode_data_uri, handle_job, run_input, worker_env
 from tests.test_local_api import run_cli
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import src.input_image as input_image
-from src.errors import JobError
-from src.input_image import cover_crop, load_image, load_inputs, load_mask
-from src.request import parse_request
+import src.inputs.pictures as input_image
+from src.inputs.pictures import cover_crop, load_image, load_inputs, load_mask
+from src.request.schema import parse_request
+from src.runtime.errors import JobError
 from tests.conftest import Route, data_uri_of, png_bytes
 
 

@@ -1,7 +1,7 @@
 """Runpod's job API failing under the worker: it backs off, logs outages, loses no result.
 
 Three tiers: the back-off and the outage log on a fake clock; the job API calls of
-src/job_api.py against the loopback job queue (tests/loopback_servers.py:JobQueue), each
+src/jobs/job_api.py against the loopback job queue (tests/loopback_servers.py:JobQueue), each
 fault it can answer with; and `python handler.py`, as deployed, through outages of that
 queue. runpod 1.12's own loop, measured the same way, sent 54,767 job-take requests in a
 30 s outage and logged one line for each.
@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 from runpod.serverless.modules import rp_http, rp_job
 
-from src.job_api import ApiFault, Backoff, OutageLog, send_result, take_jobs
+from src.jobs.job_api import ApiFault, Backoff, OutageLog, send_result, take_jobs
 from tests.conftest import end_process, worker_env
 from tests.loopback_servers import (
     DEGRADED,
@@ -202,7 +202,7 @@ def test_a_result_is_posted_until_it_is_stored(queue):
 
 
 def test_a_refused_result_is_not_retried_and_a_failing_one_not_forever(queue, caplog):
-    caplog.set_level(logging.ERROR, "src.job_api")
+    caplog.set_level(logging.ERROR, "src.jobs.job_api")
     queue.done_fault = Answer(404, b'{"error": "no such job"}')
     assert call(send_result, {"output": {}}, {"id": "job-1"}) is False
     assert len(queue.times("done")) == 1
@@ -296,7 +296,7 @@ def test_an_outage_of_the_job_api_is_ridden_out_quietly_and_loses_no_result(tiny
     assert 0 < stored < 6.0 and "error" not in queue.results["in-flight"]
     assert "error" not in queue.results["job-2"]
     # Quiet log: one line as each call's outage starts, one as it ends; no per-request line.
-    print(f"log: {logged} bytes from the outage on:\n" + "\n".join(lines_with("src.job_api", text)))
+    print(f"log: {logged} bytes from the outage on:\n" + "\n".join(lines_with("src.jobs.job_api", text)))
     for call in ("job-take", "stop-signal poll", "job-done post"):
         assert len(lines_with(f"{call} failing: HTTP 503;", text)) == 1, call
         assert len(lines_with(f"{call} answering again after", text)) == 1, call
@@ -347,7 +347,7 @@ def test_garbled_answers_429s_and_dropped_connections_are_ridden_out_too(tiny_mo
     assert recovery < 6.0 and 0 < stored < 6.0
     assert "error" not in queue.results["in-flight"]
 
-    print(f"log: {logged} bytes:\n" + "\n".join(lines_with("src.job_api", text)))
+    print(f"log: {logged} bytes:\n" + "\n".join(lines_with("src.jobs.job_api", text)))
     not_json = "HTTP 200 with a body that is not JSON (text/html);"
     assert len(lines_with(f"job-take failing: {not_json}", text)) == 1
     assert len(lines_with(f"stop-signal poll failing: {not_json}", text)) == 1

@@ -92,8 +92,8 @@ def test_a_backlog_is_served_in_order_with_the_bytes_of_one_job_at_a_time(tiny_m
 def test_progress_goes_out_for_the_first_step_then_at_most_twice_a_second_and_the_last(monkeypatch):
     import runpod.serverless
 
-    from src.settings import Settings
-    from src.worker import PROGRESS_EVERY_S, _progress_reporter
+    from src.jobs.worker import PROGRESS_EVERY_S, _progress_reporter
+    from src.runtime.settings import Settings
 
     sent: list[tuple[float, int]] = []
     monkeypatch.setattr(
@@ -190,7 +190,7 @@ def test_a_gpu_fault_asks_runpod_for_a_new_worker_and_takes_no_more_jobs(tiny_mo
 
 
 def test_the_sdk_still_builds_its_scaler_where_the_worker_installs_its_own():
-    """src/job_loop.py replaces `rp_scale.JobScaler` (its taking loop, stop poll and waits), the
+    """src/jobs/job_loop.py replaces `rp_scale.JobScaler` (its taking loop, stop poll and waits), the
     result post and the heartbeat where the SDK looks them up; a runpod upgrade that moves any
     of them fails here, not silently in production."""
     from runpod.serverless import worker as sdk_worker
@@ -203,7 +203,7 @@ def test_the_sdk_still_builds_its_scaler_where_the_worker_installs_its_own():
     taking = inspect.getsource(rp_scale.JobScaler.get_jobs)
     assert "await self.set_scale()" in taking and "self.job_progress.add(job)" in taking
     assert "jobs_queue.get()" in inspect.getsource(rp_scale.JobScaler.run_jobs)
-    # The calls src/job_api.py makes build their URLs as the SDK's do, from these.
+    # The calls src/jobs/job_api.py makes build their URLs as the SDK's do, from these.
     assert list(inspect.signature(rp_job._job_get_url).parameters) == ["batch_size"]
     assert callable(rp_job._job_stop_url) and isinstance(rp_http.JOB_DONE_URL, str)
     # Results and progress are posted through the names `send_result` in rp_job and rp_progress.

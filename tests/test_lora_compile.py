@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from src.lora_adapters import LoraAdapters
-from src.settings import Settings
-from src.worker import Worker
+from src.jobs.worker import Worker
+from src.lora.adapters import LoraAdapters
+from src.runtime.settings import Settings
 from tests.conftest import decode_data_uri, handle_job
 from tests.test_loras import BASE, diffusers_reference
 from tests.tiny_loras import make_lora, save_lora

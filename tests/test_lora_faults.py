@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from src.settings import Settings
-from src.worker import Worker
+from src.jobs.worker import Worker
+from src.runtime.settings import Settings
 from tests.conftest import Route, handle_job
 from tests.tiny_loras import make_lora, save_lora
 
@@ -108,7 +108,7 @@ FAULTS = {
 def test_a_bad_lora_fails_naming_loras_and_the_worker_serves_on(
     url_worker, image_server, allow_loopback_downloads, lora_bytes, base_bytes, monkeypatch, caplog, fault
 ):
-    monkeypatch.setattr("src.lora_files.DOWNLOAD_SECONDS", 1.0)
+    monkeypatch.setattr("src.lora.files.DOWNLOAD_SECONDS", 1.0)
     route, expected = FAULTS[fault]
     name = fault.replace(" ", "-").replace(",", "")
     image_server.routes[f"/{name}.safetensors?X-Amz-Signature={TOKEN}"] = route(lora_bytes)

@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from src.errors import JobError
-from src.gpu import Stop
-from src.logs import redact
-from src.lora_adapters import looks_like
-from src.lora_files import LoraFiles, check_safetensors_file, check_safetensors_head
-from src.request import parse_request
+from src.lora.adapters import looks_like
+from src.lora.files import LoraFiles, check_safetensors_file, check_safetensors_head
+from src.request.schema import parse_request
+from src.runtime.errors import JobError
+from src.runtime.gpu import Stop
+from src.runtime.logs import redact
 from tests.conftest import Route
 
 LORA = save({"lora_unet_layers_0_attention_to_q.lora_down.weight": torch.ones(2, 8)})

@@ -13,9 +13,9 @@ import torch
 from diffusers import ZImageImg2ImgPipeline, ZImagePipeline
 from PIL import Image
 
-from src.input_image import cover_crop
-from src.settings import Settings
-from src.worker import Worker
+from src.inputs.pictures import cover_crop
+from src.jobs.worker import Worker
+from src.runtime.settings import Settings
 from tests.conftest import data_uri_of, decode_data_uri, handle_job, png_bytes
 from tests.tiny_loras import LAYOUTS, make_lora, save_lora
 

@@ -1,4 +1,4 @@
-"""src/model_files.py: every place a model may be, in order, and the message when none has it.
+"""src/model/files.py: every place a model may be, in order, and the message when none has it.
 
 Each place is a temporary folder (`SearchRoots`); the Hugging Face caches are built in the
 real cache layout (blobs, snapshots/<commit>/ of symlinks, refs/main), holding the tiny
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import constants
 
-from src.model_files import (
+from src.model.files import (
     HOW_TO_FIX,
     ModelNotFound,
     SearchRoots,
@@ -272,6 +272,6 @@ def test_a_failed_download_is_reported(roots, hub, monkeypatch):
 
 def test_the_runtime_download_skips_what_the_image_build_skips():
     from builder.download_weights import NEVER
-    from src.model_files import NOT_NEEDED
+    from src.model.files import NOT_NEEDED
 
     assert sorted(NOT_NEEDED) == sorted(NEVER)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from src.output_image import MIME_TYPES, data_uri, encode_image
-from src.pricing import job_cost
+from src.delivery.encoding import MIME_TYPES, data_uri, encode_image
+from src.request.pricing import job_cost
 
 
 @pytest.fixture(scope="module")

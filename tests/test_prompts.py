@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from src.pipeline import load_pipeline
-from src.prompts import MAX_SEQUENCE_LENGTH, PromptEncoder
+from src.model.pipeline import load_pipeline
+from src.model.prompts import MAX_SEQUENCE_LENGTH, PromptEncoder
 
 
 @pytest.fixture(scope="module")

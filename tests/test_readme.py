@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from src.request import parse_request
+from src.request.schema import parse_request
 from tests.conftest import ROOT, LocalAPI, data_uri_of, local_api, png_bytes, worker_env
 from tests.test_local_api import run_cli
 from tests.tiny_controlnets import build_tiny_depth, save_controlnet

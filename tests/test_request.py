@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from src.errors import JobError
-from src.request import PRESET_SIZES, GenerateRequest, parse_request
+from src.request.schema import PRESET_SIZES, GenerateRequest, parse_request
+from src.runtime.errors import JobError
 
 
 def ok(**fields) -> GenerateRequest:

@@ -27,12 +27,12 @@ import torch
 from PIL import Image
 
 from builder.tiny_model import build_tiny_safety_checker
-from src import worker as worker_module
-from src.request import GenerateRequest
-from src.safety import SafetyChecker, SafetyModelError
-from src.settings import Settings
-from src.timing import Stopwatch
-from src.worker import Worker
+from src.jobs import worker as worker_module
+from src.jobs.worker import Worker
+from src.model.safety import SafetyChecker, SafetyModelError
+from src.request.schema import GenerateRequest
+from src.runtime.settings import Settings
+from src.runtime.timing import Stopwatch
 from tests.conftest import ROOT, data_uri_of, decode_data_uri, handle_job, local_api, png_bytes, worker_env
 
 CPU = torch.device("cpu")
@@ -234,7 +234,7 @@ def test_checking_off_per_request_for_untouched_input_reports_no_safety_time(tin
 
 def test_checking_off_per_deployment(tiny_model, caplog):
     assert not Settings.from_env({"SAFETY_CHECKER_MODEL": "NONE"}).safety_enabled
-    with caplog.at_level("WARNING", logger="src.worker"):
+    with caplog.at_level("WARNING", logger="src.jobs.worker"):
         worker = Worker.start(Settings(model=str(tiny_model), safety_checker_model="none"))
     assert worker.safety is None
     assert "without any content check" in caplog.text

@@ -34,11 +34,11 @@ from hypothesis import strategies as st
 from PIL import Image
 from runpod.serverless.utils import rp_ssrf
 
-from src.errors import JobError
-from src.input_image import fetch_url
-from src.model_files import ModelNotFound
-from src.pipeline import load_pipeline
-from src.storage import object_key
+from src.delivery.storage import object_key
+from src.inputs.pictures import fetch_url
+from src.model.files import ModelNotFound
+from src.model.pipeline import load_pipeline
+from src.runtime.errors import JobError
 from tests.conftest import (
     ROOT,
     ImageServer,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from src.settings import Settings, SettingsError
+from src.runtime.settings import Settings, SettingsError
 
 BUCKET = {
     "BUCKET_ENDPOINT_URL": "https://example.r2.cloudflarestorage.com",

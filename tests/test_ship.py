@@ -20,11 +20,11 @@ import pytest
 from PIL import Image
 
 from builder.download_weights import repo_folder
-from src.input_image import load_inputs
-from src.model_files import SearchRoots, missing_pipeline_files
-from src.modes import MODES, mode_of
-from src.request import parse_request
-from src.settings import Settings
+from src.inputs.pictures import load_inputs
+from src.model.files import SearchRoots, missing_pipeline_files
+from src.model.modes import MODES, mode_of
+from src.request.schema import parse_request
+from src.runtime.settings import Settings
 from tests import test_builder
 from tests.conftest import ROOT, decode_data_uri, handle_job
 
@@ -243,7 +243,7 @@ def test_hub_env_covers_every_documented_setting_and_only_settings_the_worker_re
         "MAX_CONCURRENCY",
     }
     assert documented <= set(keys)
-    settings_source = (ROOT / "src/settings.py").read_text()
+    settings_source = (ROOT / "src/runtime/settings.py").read_text()
     for key in keys:
         assert f'"{key}"' in settings_source, f"{key} is offered on the Hub but the worker never reads it"
 
@@ -342,8 +342,10 @@ def docker_ignored(path: str, rules: list[str]) -> bool:
 
 SHIPPED = [
     "handler.py",
-    "src/worker.py",
-    "src/model_files.py",
+    "src/jobs/worker.py",
+    "src/jobs/job_loop.py",
+    "src/model/pipeline.py",
+    "src/model/files.py",
     "builder/download_weights.py",
     "requirements.txt",
 ]

@@ -15,7 +15,7 @@ import pytest
 import torch
 from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
-from src.pipeline import ATTENTION_BACKENDS, ZImageGenerator, load_pipeline, not_shared_linears
+from src.model.pipeline import ATTENTION_BACKENDS, ZImageGenerator, load_pipeline, not_shared_linears
 from tests.tiny_controlnets import tiny_controlnet
 
 
@@ -41,7 +41,7 @@ def test_the_controlnet_gets_the_transformers_attention_backend_and_fp8(generato
     transformer, controlnet = generator.text_to_image.transformer, generator.controlnet
     own_blocks = controlnet.control_layers
     assert backends(transformer) == backends(own_blocks) == {None}  # diffusers' default before
-    with caplog.at_level(logging.INFO, logger="src.pipeline"):
+    with caplog.at_level(logging.INFO, logger="src.model.pipeline"):
         generator.accelerate("fp8", compile_blocks=False)
     chosen = backends(transformer)
     # The first of the list this machine has (flash-attn 2 and 3 are not installed here).
@@ -65,7 +65,7 @@ def test_fp8_on_the_controlnet_takes_its_own_linears_not_the_shared_ones(generat
 def test_without_cuda_nothing_changes(tiny_model, caplog):
     pipe = load_pipeline(tiny_model, torch.float32)
     plain = ZImageGenerator(pipe, torch.device("cpu"), tiny_controlnet(tiny_model, "2.1"))
-    with caplog.at_level(logging.WARNING, logger="src.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="src.model.pipeline"):
         plain.accelerate("fp8", compile_blocks=False)
     assert backends(plain.text_to_image.transformer) == backends(plain.controlnet) == {None}
     assert "need a CUDA GPU" in caplog.text

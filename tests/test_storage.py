@@ -35,11 +35,11 @@ import pytest
 import requests
 from PIL import Image
 
-from src.errors import JobError
-from src.output_image import encode_image
-from src.settings import Settings
-from src.storage import PRESIGN_SECONDS, Storage, addressing_for, region_for
-from src.worker import Worker
+from src.delivery.encoding import encode_image
+from src.delivery.storage import PRESIGN_SECONDS, Storage, addressing_for, region_for
+from src.jobs.worker import Worker
+from src.runtime.errors import JobError
+from src.runtime.settings import Settings
 from tests.conftest import (
     ROOT,
     handle_job,

@@ -1,7 +1,7 @@
 """Every torch op of the worker runs on its one GPU thread: warm-up, every mode, LoRAs, depth, safety.
 
 Torch keeps a team of OpenMP threads per thread that runs its ops; once a second thread has run
-them, every CPU op in the process is about 1.7x slower (src/gpu.py). The worker here has every
+them, every CPU op in the process is about 1.7x slower (src/runtime/gpu.py). The worker here has every
 part loaded (a 2.1 ControlNet, the depth model, the safety checker, a LoRA folder); a global
 forward pre-hook records the thread of every module call, and spies record the thread of each
 place that turns pictures into tensors or back, converts LoRA tensors, preprocesses for the
@@ -21,29 +21,29 @@ import numpy as np
 import pytest
 import torch
 
-import src.control_preprocess
-import src.inpaint
-import src.lora_adapters
-import src.pipeline
-import src.safety
-import src.worker
-from src.settings import Settings
-from src.timing import Stopwatch
-from src.worker import Worker
+import src.control.preprocess
+import src.jobs.worker
+import src.lora.adapters
+import src.model.inpaint
+import src.model.pipeline
+import src.model.safety
+from src.jobs.worker import Worker
+from src.runtime.settings import Settings
+from src.runtime.timing import Stopwatch
 from tests.test_control import CONTROL, IMAGE, MASK
 from tests.tiny_controlnets import build_tiny_depth, save_controlnet
 from tests.tiny_loras import make_lora, save_lora
 
 # Where pictures become tensors or back, LoRA tensors are converted, and the checker's input is made.
 SPIED = (
-    (src.worker, "from_pil"),
-    (src.worker, "to_pil"),
-    (src.pipeline, "to_bytes"),
-    (src.inpaint, "from_pil"),
-    (src.inpaint, "to_bytes"),
-    (src.lora_adapters.LoraAdapters, "convert"),
-    (src.safety.Preprocessing, "__call__"),
-    (src.control_preprocess.DepthEstimator, "__call__"),
+    (src.jobs.worker, "from_pil"),
+    (src.jobs.worker, "to_pil"),
+    (src.model.pipeline, "to_bytes"),
+    (src.model.inpaint, "from_pil"),
+    (src.model.inpaint, "to_bytes"),
+    (src.lora.adapters.LoraAdapters, "convert"),
+    (src.model.safety.Preprocessing, "__call__"),
+    (src.control.preprocess.DepthEstimator, "__call__"),
 )
 
 JOBS = {
@@ -162,9 +162,9 @@ def test_jobs_of_every_mode_side_by_side_run_torch_on_the_gpu_thread_only(record
         "LoraAdapters.convert",
         "Preprocessing.__call__",
         "DepthEstimator.__call__",
-        "src.worker.to_pil",
-        "src.worker.from_pil",
-        "src.inpaint.from_pil",
+        "src.jobs.worker.to_pil",
+        "src.jobs.worker.from_pil",
+        "src.model.inpaint.from_pil",
         "Stopwatch.lap, waiting for the GPU",
     ):
         assert what in threads.seen, (what, sorted(threads.seen))

@@ -1,7 +1,7 @@
 """Tiny real ControlNets and a tiny Depth Anything for the tiny Z-Image model, built by the tests.
 
 Each ControlNet release is the real `ZImageControlNetModel` at the tiny transformer's width, with
-the release's own control layout (src/controlnet_configs.py), saved both as a diffusers folder and
+the release's own control layout (src/control/configs.py), saved both as a diffusers folder and
 as alibaba-pai ships it: one `.safetensors` file of the control blocks. diffusers zero-initialises
 the projections that feed the hints in (so a fresh ControlNet changes nothing); here every weight is
 random, so control really moves pixels.
@@ -17,7 +17,7 @@ from diffusers import ZImageControlNetModel
 from safetensors.torch import save_file
 from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
 
-from src.controlnet_configs import release_config
+from src.control.configs import release_config
 
 
 def tiny_controlnet(model: Path, version: str, seed: int = 0) -> ZImageControlNetModel:

@@ -1,8 +1,8 @@
 """LoRA adapters in the transformer: fetched and read on an I/O thread, activated on the GPU thread.
 
-`prepare` (I/O thread, beside other jobs) fetches each file (src/lora_files.py) and, for an
+`prepare` (I/O thread, beside other jobs) fetches each file (src/lora/files.py) and, for an
 adapter not already loaded, reads its tensors. Nothing more: the key conversion is torch work
-(concatenations, alpha scaling), and torch runs on the GPU thread only (src/gpu.py says why).
+(concatenations, alpha scaling), and torch runs on the GPU thread only (src/runtime/gpu.py says why).
 
 `activate` (GPU thread, inside the job's GPU stage) converts what was read with diffusers' own
 Z-Image converter (diffusers/PEFT, kohya/musubi, ComfyUI/ai-toolkit, LoKr); a file whose keys
@@ -30,10 +30,10 @@ from diffusers.loaders.lora_pipeline import _LOW_CPU_MEM_USAGE_DEFAULT_LORA
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from src.errors import JobError
-from src.gpu import Stop
-from src.lora_files import LoraFile, LoraFiles
-from src.lora_hotswap import HotswapSlots
+from src.lora.files import LoraFile, LoraFiles
+from src.lora.hotswap import HotswapSlots
+from src.runtime.errors import JobError
+from src.runtime.gpu import Stop
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ class LoraAdapters:
                 )
         except (ValueError, RuntimeError, KeyError) as err:
             if isinstance(err, torch.OutOfMemoryError) or "CUDA" in str(err):
-                raise  # src/gpu.py tells out-of-memory and GPU faults apart
+                raise  # src/runtime/gpu.py tells out-of-memory and GPU faults apart
             log.warning("loras[%d] (%s) does not load: %s", lora.file.index, lora.file.short, err)
             raise JobError(
                 f"loras[{lora.file.index}]: the LoRA does not fit this Z-Image model's layers "

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 from requests import RequestException, Response
 from runpod.serverless.utils.rp_ssrf import SSRFError, iter_content_capped, safe_get
 
-from src.errors import JobError
+from src.runtime.errors import JobError
 
 USER_AGENT = "zimage-turbo-worker (+https://github.com/runpod-workers)"
 

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from src.downloads import Limits, stream, without_query
-from src.errors import JobError
-from src.gpu import Stop
+from src.inputs.downloads import Limits, stream, without_query
+from src.runtime.errors import JobError
+from src.runtime.gpu import Stop
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ import torch
 from diffusers import ZImageInpaintPipeline
 from PIL import Image
 
-from src.input_image import Inputs
-from src.pixels import from_pil, to_bytes
+from src.inputs.pictures import Inputs
+from src.model.pixels import from_pil, to_bytes
 
 
 class InpaintPipeline(ZImageInpaintPipeline):

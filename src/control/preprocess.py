@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from src.errors import JobError
-from src.input_image import load_image
-from src.request import GenerateRequest
+from src.inputs.pictures import load_image
+from src.request.schema import GenerateRequest
+from src.runtime.errors import JobError
 
 # OpenCV's usual pair (diffusers' and ControlNet's canny examples use it): edges of clear contrast,
 # few from noise, in 8-bit pixel units.
@@ -52,7 +52,7 @@ class DepthEstimator:
     def load(cls, folder: Path, device: torch.device, dtype: torch.dtype) -> DepthEstimator:
         from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
-        from src.model_files import ModelNotFound, load_failure
+        from src.model.files import ModelNotFound, load_failure
 
         try:
             # B615 (no revision pinned) does not apply: a local folder, local_files_only=True.

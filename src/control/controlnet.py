@@ -1,8 +1,8 @@
 """CONTROLNET_MODEL: find Z-Image-Turbo Fun ControlNet Union and load it at start, beside the transformer.
 
 The setting names a diffusers folder (config.json + safetensors), alibaba-pai's single `.safetensors`
-release (a file, or a folder holding it; src/controlnet_configs.py supplies its config), or a repo id
-looked up in the same places as ZIMAGE_MODEL (src/model_files.py): `Org/Name` takes the release named
+release (a file, or a folder holding it; src/control/configs.py supplies its config), or a repo id
+looked up in the same places as ZIMAGE_MODEL (src/model/files.py): `Org/Name` takes the release named
 after the repo (`Name.safetensors`), `Org/Name/file.safetensors` another one. alibaba-pai's repos hold
 several releases of 3 to 6.7 GB each, so a download (ZIMAGE_ALLOW_DOWNLOAD=1) fetches that one release
 and a diffusers folder's files, never the others. Missing, corrupt or mismatched weights raise
@@ -24,8 +24,8 @@ from diffusers import ZImageControlNetModel, ZImageTransformer2DModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from src.controlnet_configs import BODY_KEYS, KEY_ANY, detect_version, release_config
-from src.model_files import (
+from src.control.configs import BODY_KEYS, KEY_ANY, detect_version, release_config
+from src.model.files import (
     HOW_TO_FIX,
     ModelNotFound,
     SearchRoots,

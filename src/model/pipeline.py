@@ -1,4 +1,4 @@
-"""Z-Image Turbo: load once, then every mode of src/modes.py on one set of weights.
+"""Z-Image Turbo: load once, then every mode of src/model/modes.py on one set of weights.
 
 The diffusers pipelines do the work; this module calls them in three timed stages
 (prompt encoding, denoising to latents, VAE decode) so each stage is measured and the
@@ -18,16 +18,16 @@ from diffusers import DiffusionPipeline, ZImageControlNetModel, ZImagePipeline
 from PIL import Image
 from safetensors import SafetensorError
 
-from src.input_image import Inputs
-from src.model_files import ModelNotFound, load_failure
-from src.modes import MODES, mode_of
-from src.pixels import to_bytes
-from src.prompts import PromptEncoder
-from src.request import PRESET_SIZES, GenerateRequest
-from src.timing import Stopwatch
+from src.inputs.pictures import Inputs
+from src.model.files import ModelNotFound, load_failure
+from src.model.modes import MODES, mode_of
+from src.model.pixels import to_bytes
+from src.model.prompts import PromptEncoder
+from src.request.schema import PRESET_SIZES, GenerateRequest
+from src.runtime.timing import Stopwatch
 
 if TYPE_CHECKING:
-    from src.lora_hotswap import HotswapSlots
+    from src.lora.hotswap import HotswapSlots
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class ZImageGenerator:
 
         With torch.compile, every preset size is run once so the kernels for the sizes
         callers use are built (or read from the on-disk cache) before the first job. With the
-        compiled worker's LoRA slots (src/lora_hotswap.py), each size runs once more with every
+        compiled worker's LoRA slots (src/lora/hotswap.py), each size runs once more with every
         slot active and all zero: the graph every LoRA job runs, compiled here rather than in
         the first one; the base weights are back on afterwards.
         """

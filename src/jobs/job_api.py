@@ -12,7 +12,7 @@ call to the job API backs off while it fails, and logs an outage, not its reques
   most one summary a minute while it fails, one line when it answers again. Causes are
   status codes and exception type names, never an exception's text: aiohttp's and
   requests' messages carry the URL, and the job-take URL's query carries secrets.
-- `Faults`: the two together, for one call site in src/job_loop.py.
+- `Faults`: the two together, for one call site in src/jobs/job_loop.py.
 - `take_jobs`, `poll_stop_signals`, `send_result`: the SDK's three calls, reading an
   answer the way the SDK does but calling a faulty one a fault, so the loops back off.
 """

@@ -21,8 +21,8 @@ from pydantic import (
     model_validator,
 )
 
-from src.errors import JobError
-from src.lora_files import LORA_PATH_RULE, MAX_LORAS, check_lora_path, shown_path
+from src.lora.files import LORA_PATH_RULE, MAX_LORAS, check_lora_path, shown_path
+from src.runtime.errors import JobError
 
 MAX_PROMPT_CHARS = 4000
 MAX_SEED = 2**32 - 1

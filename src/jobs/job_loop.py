@@ -17,7 +17,7 @@ When Runpod's job API fails, the SDK's loops ask again at once and log every fai
 its result post gives up after three quick tries and drops the result. Here the taking
 loop, the stop-signal poll and the result post back off and log outages, not requests, and
 a result is retried until it is stored; the heartbeat keeps its interval but logs the same
-way (src/job_api.py says how).
+way (src/jobs/job_api.py says how).
 
 Each part is installed where the SDK looks it up when the worker starts: the scaler at
 `rp_scale.JobScaler`, the result post at `rp_job.send_result` and `rp_progress.send_result`,
@@ -39,7 +39,7 @@ import runpod
 from runpod.serverless.modules import rp_job, rp_ping, rp_progress, rp_scale
 from runpod.version import __version__ as runpod_version
 
-from src.job_api import FAULTS, Faults, OutageLog, describe, poll_stop_signals, send_result, take_jobs
+from src.jobs.job_api import FAULTS, Faults, OutageLog, describe, poll_stop_signals, send_result, take_jobs
 
 log = rp_scale.log
 

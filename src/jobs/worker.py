@@ -1,7 +1,7 @@
 """The worker: everything loaded once at start, then one `await handle(job)` per job.
 
 A job is one straight line: parse; fetch inputs; on the GPU (one job at a time, see
-src/gpu.py) generate and check; encode; deliver. Up to MAX_CONCURRENCY jobs are in
+src/runtime/gpu.py) generate and check; encode; deliver. Up to MAX_CONCURRENCY jobs are in
 flight, so one job's fetches, encoding and upload overlap another's GPU stage.
 
 `handle` is the one place where failures become `{"error": ...}`: a `JobError` passes
@@ -26,25 +26,25 @@ from typing import Any, TypeVar
 
 from PIL import Image
 
-from src.control_preprocess import DepthEstimator, load_control, no_depth_model
-from src.controlnet import load_controlnet
-from src.errors import JobError, error_output
-from src.gpu import GpuFault, GpuStage, Stop, run_stoppable
-from src.inpaint import keeps_everything
-from src.input_image import Inputs, load_inputs
-from src.lora_adapters import LoraAdapters, PreparedLora
-from src.lora_files import LoraFiles
-from src.model_files import SearchRoots, missing_classifier_files, missing_pipeline_files, resolve_model
-from src.modes import mode_of
-from src.output_image import data_uri, encode_image
-from src.pipeline import StepCallback, ZImageGenerator, load_pipeline, pick_device, to_pil
-from src.pixels import from_pil
-from src.pricing import job_cost
-from src.request import MAX_SEED, GenerateRequest, parse_request
-from src.safety import SafetyChecker
-from src.settings import Settings
-from src.storage import Storage
-from src.timing import Stopwatch
+from src.control.preprocess import DepthEstimator, load_control, no_depth_model
+from src.control.controlnet import load_controlnet
+from src.runtime.errors import JobError, error_output
+from src.runtime.gpu import GpuFault, GpuStage, Stop, run_stoppable
+from src.model.inpaint import keeps_everything
+from src.inputs.pictures import Inputs, load_inputs
+from src.lora.adapters import LoraAdapters, PreparedLora
+from src.lora.files import LoraFiles
+from src.model.files import SearchRoots, missing_classifier_files, missing_pipeline_files, resolve_model
+from src.model.modes import mode_of
+from src.delivery.encoding import data_uri, encode_image
+from src.model.pipeline import StepCallback, ZImageGenerator, load_pipeline, pick_device, to_pil
+from src.model.pixels import from_pil
+from src.request.pricing import job_cost
+from src.request.schema import MAX_SEED, GenerateRequest, parse_request
+from src.model.safety import SafetyChecker
+from src.runtime.settings import Settings
+from src.delivery.storage import Storage
+from src.runtime.timing import Stopwatch
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -84,7 +84,7 @@ class Worker:
         Torch keeps a team of OpenMP threads per thread that runs it: once a second thread has
         run torch ops, every CPU op in the process slows down (measured 1.7x on a 2-core CPU,
         BENCHMARKS.md), and on a GPU the thread that launches kernels pays for it. So loading,
-        warm-up and every job's torch work share the one GPU thread (src/gpu.py).
+        warm-up and every job's torch work share the one GPU thread (src/runtime/gpu.py).
         """
         gpu = GpuStage()
         return gpu.call(partial(cls._load, settings, roots, gpu))

@@ -21,9 +21,9 @@ from diffusers import (
     ZImagePipeline,
 )
 
-from src.inpaint import InpaintPipeline, composite
-from src.input_image import Inputs
-from src.request import GenerateRequest
+from src.inputs.pictures import Inputs
+from src.model.inpaint import InpaintPipeline, composite
+from src.request.schema import GenerateRequest
 
 PICTURE_FIELDS = ("image", "mask", "control_image")
 
@@ -71,7 +71,7 @@ def _inpaint_with_control(inputs: Inputs, request: GenerateRequest) -> dict[str,
 MODES: dict[frozenset[str], Mode] = {
     frozenset(): Mode("text-to-image", ZImagePipeline, _nothing),
     frozenset({"image"}): Mode("image-to-image", ZImageImg2ImgPipeline, _from_image),
-    # diffusers' ZImageInpaintPipeline without its unused masked-image encode (src/inpaint.py).
+    # diffusers' ZImageInpaintPipeline without its unused masked-image encode (src/model/inpaint.py).
     frozenset({"image", "mask"}): Mode("inpainting", InpaintPipeline, _from_image_and_mask, composite),
     frozenset({"control_image"}): Mode(
         "text-to-image with control", ZImageControlNetPipeline, _with_control, control=True

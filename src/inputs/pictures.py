@@ -16,15 +16,12 @@ import io
 import re
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from PIL import Image, ImageOps
 
-from src.downloads import Limits, stream, without_query
-from src.errors import JobError
-
-if TYPE_CHECKING:
-    from src.request import GenerateRequest
+from src.inputs.downloads import Limits, stream, without_query
+from src.runtime.errors import JobError
 
 MAX_BYTES = 32 * 1024 * 1024
 MAX_PIXELS = 40_000_000
@@ -43,11 +40,25 @@ class Inputs:
 
     image: Image.Image | None = None
     mask: Image.Image | None = None
-    # The control map, fitted and preprocessed (src/control_preprocess.py); loaded beside the others.
+    # The control map, fitted and preprocessed (src/control/preprocess.py); loaded beside the others.
     control: Image.Image | None = None
 
 
-def load_inputs(request: GenerateRequest) -> Inputs:
+class PictureFields(Protocol):
+    """What `load_inputs` reads of a request (src/request/schema.py's GenerateRequest), named here
+    so that this package does not import the request's, which stands above it."""
+
+    image: str | None
+    mask: str | None
+
+    @property
+    def width(self) -> int: ...
+
+    @property
+    def height(self) -> int: ...
+
+
+def load_inputs(request: PictureFields) -> Inputs:
     """Every picture the request carries, fetched or decoded and fitted to its size."""
     if request.image is None:
         return Inputs()

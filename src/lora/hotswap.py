@@ -22,8 +22,8 @@ import torch
 from diffusers import ZImagePipeline
 from peft.utils.hotswap import prepare_model_for_compiled_hotswap
 
-from src.errors import JobError
-from src.lora_files import MAX_LORAS
+from src.lora.files import MAX_LORAS
+from src.runtime.errors import JobError
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from typing import TypeVar
 
 import torch
 
-from src.errors import JobError
+from src.runtime.errors import JobError
 
 T = TypeVar("T")
 

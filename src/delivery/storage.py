@@ -30,10 +30,10 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, ReadTimeoutError
 
-from src.errors import JobError
-from src.gpu import JobStopped, Stop
-from src.output_image import MIME_TYPES
-from src.settings import Settings
+from src.delivery.encoding import MIME_TYPES
+from src.runtime.errors import JobError
+from src.runtime.gpu import JobStopped, Stop
+from src.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 
