@@ -96,7 +96,9 @@ def random_controlnet(worker: Worker) -> dict[str, Any]:
         torch.cuda.synchronize()
     built_s = time.perf_counter() - start
     params = sum(p.numel() for p in controlnet.parameters())  # before it takes the shared modules
-    worker.generator = ZImageGenerator(generator.text_to_image, generator.device, controlnet)
+    worker.models["z-image-turbo"].generator = ZImageGenerator(
+        generator.text_to_image, generator.device, controlnet
+    )
     worker.generator.accelerate(worker.settings.acceleration, compile_blocks=False)
     return {"controlnet": "2.1, random", "params": params, "build_s": round(built_s, 1)}
 

@@ -82,7 +82,9 @@ def tiny_costs(runs: int, size: str, steps: int) -> list[str]:
         # A fresh set of adapters on the same files: the file is on disk, not in the transformer.
         for name in list(worker.loras.loaded):
             worker.generator.text_to_image.delete_adapters(name)
-        worker.loras = LoraAdapters(worker.generator.text_to_image, worker.loras.files, 6)
+        worker.models["z-image-turbo"].loras = LoraAdapters(
+            worker.generator.text_to_image, worker.loras.files, 6
+        )
         cache_hit.append(job(worker, lora(i)))
     loaded = [job(worker, lora(runs - 1)) for _ in range(runs)]
 

@@ -66,8 +66,9 @@ def test_text_to_image_response_shape(worker):
         "output_format",
         "has_nsfw_concepts",
         "timings",
+        "model",
     }
-    assert output["seed"] == 7 and output["cost"] == 0.005
+    assert output["seed"] == 7 and output["cost"] == 0.005 and output["model"] == "z-image-turbo"
     assert (output["width"], output["height"], output["output_format"]) == (1024, 1024, "png")
     assert output["has_nsfw_concepts"] == [False]
     assert set(output["timings"]) == {*TIMING_KEYS, "total"}

@@ -7,6 +7,7 @@ and type-checking blocks too), so the rule stays true as code moves.
 from __future__ import annotations
 
 import ast
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,16 @@ def test_imports_go_down_the_layers_only(module):
     for package in imported_packages(module):
         assert package in LAYERS, f"{module}: imports src.{package}, which is no package of LAYERS"
         assert LAYERS.index(package) >= own, f"{module} ({LAYERS[own]}) imports src.{package}, above it"
+
+
+def test_no_source_file_is_ignored_by_git():
+    # A root-level output folder's rule (`jobs/`) once matched src/jobs/ too: a fresh clone then
+    # lacked its new files.
+    paths = [str(p.relative_to(ROOT)) for p in SRC.rglob("*.py")]
+    ignored = subprocess.run(
+        ["git", "check-ignore", "--no-index", *paths], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert ignored.stdout.split() == []
 
 
 def test_the_handler_is_the_entry_point_on_top():

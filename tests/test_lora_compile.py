@@ -41,7 +41,9 @@ def start_compiled(tiny_model: Path, lora_dir: Path, cache: Path) -> Worker:
         lora_cache_dir=str(cache),
     )
     worker = Worker.start(settings)
-    worker.loras = LoraAdapters(worker.generator.text_to_image, worker.loras.files, 6, hotswap=True)
+    worker.models["z-image-turbo"].loras = LoraAdapters(
+        worker.generator.text_to_image, worker.loras.files, 6, hotswap=True
+    )
     worker.generator.text_to_image.transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
     return worker
 

@@ -26,24 +26,26 @@ from typing import Any, TypeVar
 
 from PIL import Image
 
-from src.control.preprocess import DepthEstimator, load_control, no_depth_model
 from src.control.controlnet import load_controlnet
-from src.runtime.errors import JobError, error_output
-from src.runtime.gpu import GpuFault, GpuStage, Stop, run_stoppable
-from src.model.inpaint import keeps_everything
+from src.control.preprocess import DepthEstimator, load_control, no_depth_model
+from src.delivery.encoding import data_uri, encode_image
+from src.delivery.storage import Storage
 from src.inputs.pictures import Inputs, load_inputs
 from src.lora.adapters import LoraAdapters, PreparedLora
 from src.lora.files import LoraFiles
-from src.model.files import SearchRoots, missing_classifier_files, missing_pipeline_files, resolve_model
+from src.model.family import load_family
+from src.model.files import SearchRoots, missing_classifier_files, resolve_model
+from src.model.inpaint import keeps_everything
 from src.model.modes import mode_of
-from src.delivery.encoding import data_uri, encode_image
-from src.model.pipeline import StepCallback, ZImageGenerator, load_pipeline, pick_device, to_pil
+from src.model.pipeline import StepCallback, ZImageGenerator, pick_device, to_pil
 from src.model.pixels import from_pil
+from src.model.safety import SafetyChecker
+from src.request.models import MODELS
 from src.request.pricing import job_cost
 from src.request.schema import MAX_SEED, GenerateRequest, parse_request
-from src.model.safety import SafetyChecker
+from src.runtime.errors import JobError, error_output
+from src.runtime.gpu import GpuFault, GpuStage, Stop, run_stoppable
 from src.runtime.settings import Settings
-from src.delivery.storage import Storage
 from src.runtime.timing import Stopwatch
 
 log = logging.getLogger(__name__)
@@ -67,15 +69,33 @@ TIMING_KEYS = (
 
 
 @dataclass
+class ServedModel:
+    """One model of the family (src/request/models.py) as this worker serves it."""
+
+    generator: ZImageGenerator
+    loras: LoraAdapters
+
+
+@dataclass
 class Worker:
     settings: Settings
-    generator: ZImageGenerator
+    # The models this worker loaded, by the request's `model` name (the default one first).
+    models: dict[str, ServedModel]
     safety: SafetyChecker | None
     storage: Storage | None
-    loras: LoraAdapters
     gpu: GpuStage = field(default_factory=GpuStage)
     # control_preprocess "depth"; None without a ControlNet or with DEPTH_MODEL=none.
     depth: DepthEstimator | None = None
+
+    @property
+    def generator(self) -> ZImageGenerator:
+        """The first served model's generator (every model runs on the same device)."""
+        return next(iter(self.models.values())).generator
+
+    @property
+    def loras(self) -> LoraAdapters:
+        """The first served model's adapters."""
+        return next(iter(self.models.values())).loras
 
     @classmethod
     def start(cls, settings: Settings, roots: SearchRoots | None = None) -> Worker:
@@ -95,29 +115,51 @@ class Worker:
         device, dtype = pick_device()
         clock = Stopwatch(device)
         roots = roots or SearchRoots(allow_download=settings.allow_download)
-        folder = resolve_model(settings.model, missing_pipeline_files, "ZIMAGE_MODEL", roots)
-        clock.lap("find_model")
-        pipe = load_pipeline(folder, dtype)
+        pipes = load_family(settings, roots, dtype)
         clock.lap("load_weights")
+        first = next(iter(pipes))  # the ControlNet was trained on Turbo: it goes with the first model
         controlnet, depth = None, None
         if settings.control_enabled:
-            controlnet = load_controlnet(settings.controlnet_model, pipe.transformer, dtype, roots).to(device)
+            controlnet = load_controlnet(settings.controlnet_model, pipes[first].transformer, dtype, roots)
+            controlnet = controlnet.to(device)
             if settings.depth_enabled:
                 depth_folder = resolve_model(
                     settings.depth_model, missing_classifier_files, "DEPTH_MODEL", roots
                 )
                 depth = DepthEstimator.load(depth_folder, device, dtype)
             clock.lap("load_control")
-        generator = ZImageGenerator(pipe.to(device), device, controlnet)
-        clock.lap("move_to_device")
         files = LoraFiles(
             settings.lora_dirs, settings.lora_cache_path, settings.lora_cache_gb, settings.lora_max_mb
         )
         # Before `accelerate`: a transformer about to be compiled gets its LoRA slots first.
         compiled = settings.compile and device.type == "cuda"  # accelerate() compiles on CUDA only
-        loras = LoraAdapters(generator.text_to_image, files, settings.lora_max_loaded, hotswap=compiled)
-        generator.accelerate(settings.acceleration, settings.compile)
-        clock.lap("accelerate")
+        models: dict[str, ServedModel] = {}
+        for name, pipe in pipes.items():
+            # One prompt cache for the models that share one text encoder.
+            shared_prompts = next(
+                (
+                    m.generator.prompts
+                    for m in models.values()
+                    if m.generator.text_encoder is pipe.text_encoder
+                ),
+                None,
+            )
+            pipe = pipe.to(device)
+            clock.lap("move_to_device")
+            generator = ZImageGenerator(
+                pipe,
+                device,
+                controlnet if name == first else None,
+                prompts=shared_prompts,
+                no_control=f"control_image: this worker's ControlNet serves model '{first}' only: send the "
+                f"job with model '{first}', or leave 'control_image' out"
+                if controlnet is not None
+                else None,
+            )
+            loras = LoraAdapters(generator.text_to_image, files, settings.lora_max_loaded, hotswap=compiled)
+            generator.accelerate(settings.acceleration, settings.compile)
+            models[name] = ServedModel(generator, loras)
+            clock.lap("accelerate")
         safety = None
         if settings.safety_enabled:
             checker_folder = resolve_model(
@@ -129,11 +171,12 @@ class Worker:
         clock.lap("load_safety_checker")
         storage = Storage(settings) if settings.storage_enabled else None
         clock.lap("connect_storage")
-        generator.warm_up(compiled=settings.compile, lora_slots=loras.slots)
+        for served in models.values():
+            served.generator.warm_up(compiled=settings.compile, lora_slots=served.loras.slots)
         clock.lap("warm_up")
         parts = ", ".join(f"{name} {ms:.0f} ms" for name, ms in clock.timings.items())
         log.info("ready on %s (%s): %s", device, str(dtype).removeprefix("torch."), parts)
-        return cls(settings, generator, safety, storage, loras, gpu=gpu, depth=depth)
+        return cls(settings, models, safety, storage, gpu=gpu, depth=depth)
 
     async def handle(self, job: dict[str, Any]) -> dict[str, Any]:
         """The SDK's handler: a job's output, or the one error shape; the worker serves on."""
@@ -173,11 +216,12 @@ class Worker:
         clock = Stopwatch(self.generator.device)
         stop = Stop()
         request = parse_request(raw_input)
-        self._check_served(request)
+        served = self._served(request)
         seed = request.seed if request.seed >= 0 else secrets.randbelow(MAX_SEED + 1)
         log.info(
-            "job %s: %s, prompt %d chars sha256 %s, %s x%d, %d steps, seed %d",
+            "job %s: %s, %s, prompt %d chars sha256 %s, %s x%d, %d steps, seed %d",
             job_id,
+            request.model,
             mode_of(request).name,
             len(request.prompt),
             hashlib.sha256(request.prompt.encode()).hexdigest()[:12],
@@ -195,7 +239,7 @@ class Worker:
                 self._timed(clock, "preprocess_control", load_control, stop, request)
                 if request.control_image
                 else asyncio.sleep(0, result=None),
-                self._timed(clock, "load_loras", self.loras.prepare, stop, request.loras, stop)
+                self._timed(clock, "load_loras", served.loras.prepare, stop, request.loras, stop)
                 if request.loras
                 else asyncio.sleep(0, result=[]),
             )
@@ -232,7 +276,8 @@ class Worker:
         step: StepCallback,
     ) -> tuple[list[int], list[Image.Image], list[bool]]:
         clock.lap("wait_gpu")  # behind other jobs; reported in no stage, only in `total`
-        self.loras.activate(loras)  # exactly this job's adapters, or none: the base weights
+        served = self.models[request.model]
+        served.loras.activate(loras)  # exactly this job's adapters, or none: the base weights
         if loras:
             clock.lap("load_loras")
         if request.control_preprocess == "depth" and self.depth is not None:
@@ -241,11 +286,11 @@ class Worker:
         if inputs.image is not None and (request.strength == 0 or keeps_everything(inputs.mask)):
             # strength 0 or an all-black mask returns the fitted input untouched by the model.
             # As a [0, 1] tensor, which the checker reads and to_pil turns back into the same bytes.
-            fitted = from_pil(inputs.image, self.generator.device) / 255
+            fitted = from_pil(inputs.image, served.generator.device) / 255
             images = fitted.repeat(request.num_images, 1, 1, 1)
             clock.lap("decode")  # the fitted input, as the tensor the checker reads
         else:
-            images = self.generator.generate(request, seed, clock, inputs, step)
+            images = served.generator.generate(request, seed, clock, inputs, step)
 
         # Every image is checked in one batch; flagged ones are dropped before encoding.
         flags = [False] * request.num_images
@@ -260,13 +305,21 @@ class Worker:
             )
         return kept, to_pil(images[kept]), flags
 
-    def _check_served(self, request: GenerateRequest) -> None:
-        """A request this worker cannot serve fails before anything is fetched."""
-        refusal = self.generator.refusals.get(mode_of(request).name)
+    def _served(self, request: GenerateRequest) -> ServedModel:
+        """The request's model; a request this worker cannot serve fails before anything is fetched."""
+        served = self.models.get(request.model)
+        if served is None:
+            card = MODELS[request.model]
+            raise JobError(
+                f"model: {request.model!r} is not served by this worker (started without "
+                f"{card.weights_setting}): it serves {', '.join(repr(name) for name in self.models)}"
+            )
+        refusal = served.generator.refusals.get(mode_of(request).name)
         if refusal is not None:
             raise JobError(refusal)
         if request.control_preprocess == "depth" and self.depth is None:
             raise no_depth_model()
+        return served
 
     @staticmethod
     def _encode(images: list[Image.Image], request: GenerateRequest) -> list[bytes]:
@@ -294,7 +347,8 @@ class Worker:
         timings["total"] = clock.total_ms()
         output.update(
             seed=seeds[0],
-            cost=job_cost(self.settings.price_per_image_usd, len(kept)),
+            cost=job_cost(getattr(self.settings, MODELS[request.model].price_field), len(kept)),
+            model=request.model,
             width=request.width,
             height=request.height,
             output_format=request.output_format,

@@ -44,19 +44,23 @@ def pick_device() -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
-def load_pipeline(folder: Path, dtype: torch.dtype) -> ZImagePipeline:
+def load_pipeline(
+    folder: Path, dtype: torch.dtype, shared: dict | None = None, setting: str = "ZIMAGE_MODEL"
+) -> ZImagePipeline:
     """The text-to-image pipeline from a local folder: safetensors only, never pickle.
 
+    `shared`: components already loaded (another model's text encoder, tokenizer, VAE) that this
+    pipeline takes as they are instead of loading its own (src/model/family.py).
     A folder can hold every file and still not load (a truncated download, a config that is not
     JSON); that stops the worker at start with the cause, as a missing folder does.
     """
     try:
         return ZImagePipeline.from_pretrained(
-            folder, dtype=dtype, use_safetensors=True, local_files_only=True
+            folder, dtype=dtype, use_safetensors=True, local_files_only=True, **(shared or {})
         )
     except (OSError, ValueError, SafetensorError) as err:
         raise ModelNotFound(
-            f"ZIMAGE_MODEL: the model folder {folder} is there but cannot be loaded "
+            f"{setting}: the model folder {folder} is there but cannot be loaded "
             f"({load_failure(err)}). A file in it is truncated or corrupt: download or "
             "copy the weights again, or rebuild the image (README, 'Deploy')."
         ) from None
@@ -68,7 +72,11 @@ class ZImageGenerator:
         text_to_image: ZImagePipeline,
         device: torch.device,
         controlnet: ZImageControlNetModel | None = None,
+        prompts: PromptEncoder | None = None,
+        no_control: str | None = None,
     ) -> None:
+        """`prompts`: another model's encoder and cache, when both use the same text encoder;
+        `no_control`: why this model has no ControlNet, when the worker has one for another."""
         self.device = device
         self.text_to_image = text_to_image
         self.controlnet = controlnet
@@ -87,7 +95,7 @@ class ZImageGenerator:
                     else mode.pipeline(**text_to_image.components)
                 )
             elif controlnet is None:
-                self.refusals[mode.name] = (
+                self.refusals[mode.name] = no_control or (
                     "control_image: this worker has no ControlNet (started with CONTROLNET_MODEL=none): "
                     "leave 'control_image' out, or send the job to a worker with CONTROLNET_MODEL set"
                 )
@@ -105,7 +113,11 @@ class ZImageGenerator:
                     )
         for pipe in self.pipelines.values():
             pipe.set_progress_bar_config(disable=True)
-        self.prompts = PromptEncoder(text_to_image, device)
+        self.prompts = prompts or PromptEncoder(text_to_image, device)
+
+    @property
+    def text_encoder(self) -> torch.nn.Module:
+        return self.text_to_image.text_encoder
 
     def accelerate(self, acceleration: str, compile_blocks: bool) -> None:
         """GPU-only speed-ups; each one that cannot be had is logged and skipped, never fatal."""

@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from src.lora.files import LORA_PATH_RULE, MAX_LORAS, check_lora_path, shown_path
+from src.request.models import DEFAULT_MODEL, MAX_STEPS, MODELS
 from src.runtime.errors import JobError
 
 MAX_PROMPT_CHARS = 4000
@@ -117,9 +118,20 @@ class GenerateRequest(BaseModel):
     )
     enable_safety_checker: bool = Field(default=True, description="a boolean, true or false (not a string)")
     num_images: int = Field(default=1, ge=1, le=4, description="an integer from 1 to 4")
-    num_inference_steps: int = Field(default=8, ge=1, le=50, description="an integer from 1 to 50")
+    # Defaults per model (src/request/models.py), filled in by `_model_defaults` when left out.
+    num_inference_steps: int = Field(
+        default=MODELS[DEFAULT_MODEL].default_steps,
+        ge=1,
+        le=MAX_STEPS,
+        description="an integer from 1 to "
+        + " or ".join(f"{card.max_steps} ({name})" for name, card in MODELS.items()),
+    )
     guidance_scale: float = Field(
-        default=0.0, ge=0.0, le=20.0, allow_inf_nan=False, description="a number from 0.0 to 20.0"
+        default=MODELS[DEFAULT_MODEL].default_guidance,
+        ge=0.0,
+        le=20.0,
+        allow_inf_nan=False,
+        description="a number from 0.0 to 20.0",
     )
     negative_prompt: str | None = Field(
         default=None,
@@ -148,6 +160,31 @@ class GenerateRequest(BaseModel):
         allow_inf_nan=False,
         description="a number from 0.0 to 2.0 (with 'control_image' only)",
     )
+
+    model: Literal[tuple(MODELS)] = Field(  # type: ignore[valid-type]
+        default=DEFAULT_MODEL, description="one of " + ", ".join(MODELS)
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_defaults(cls, raw: Any) -> Any:
+        """The fields a job leaves out that differ per model, from its model's row."""
+        name = raw.get("model", DEFAULT_MODEL) if isinstance(raw, dict) else None
+        card = MODELS.get(name) if isinstance(name, str) else None
+        if card is None:  # not an object, or an unknown model: the field's own error says so
+            return raw
+        return {"num_inference_steps": card.default_steps, "guidance_scale": card.default_guidance, **raw}
+
+    @model_validator(mode="after")
+    def _steps_within_the_model(self) -> GenerateRequest:
+        card = MODELS[self.model]
+        if self.num_inference_steps > card.max_steps:
+            others = ", ".join(f"{c.max_steps} for {n}" for n, c in MODELS.items() if n != self.model)
+            raise ValueError(
+                f"num_inference_steps: {self.num_inference_steps} is not allowed: it must be an integer "
+                f"from 1 to {card.max_steps} for {self.model} (up to {others})"
+            )
+        return self
 
     @field_validator("prompt")
     @classmethod

@@ -24,8 +24,12 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class Settings:
-    # A local diffusers folder, or a Hugging Face repo id looked up in the local caches.
+    # Z-Image-Turbo (`model: "z-image-turbo"`): a local diffusers folder, or a Hugging Face repo
+    # id looked up in the local caches; "none" with base_model set makes a base-only worker.
     model: str = "Tongyi-MAI/Z-Image-Turbo"
+    # The undistilled base (`model: "z-image"`, e.g. Tongyi-MAI/Z-Image), found like `model`; it
+    # shares Turbo's text encoder and VAE when they are the same weights. "none": Turbo only.
+    base_model: str = "none"
     # A transformers image classifier with an `nsfw` label, or "none" to turn checking off.
     safety_checker_model: str = "Falconsai/nsfw_image_detection"
     # An image is flagged when P(nsfw) >= this.
@@ -42,6 +46,8 @@ class Settings:
     bucket_addressing_style: str = "auto"
     # What one returned image costs; `cost` = this x images returned.
     price_per_image_usd: float = 0.005
+    # The same for a base-model image.
+    base_price_per_image_usd: float = 0.01
     # Runpod sets RUNPOD_WEBHOOK_POST_OUTPUT on its workers: only there do progress updates go out.
     report_progress: bool = False
     # Regional torch.compile of the repeated transformer block, warmed up at start (CUDA only).
@@ -148,8 +154,16 @@ class Settings:
         if lora_cache_dir is not None and not Path(lora_cache_dir).is_absolute():
             raise SettingsError(f"LORA_CACHE_DIR: {lora_cache_dir!r} is not allowed: use an absolute folder")
 
+        model, base_model = text("ZIMAGE_MODEL", cls.model), text("ZIMAGE_BASE_MODEL", cls.base_model)
+        if model.lower() == "none" and base_model.lower() == "none":
+            raise SettingsError(
+                "ZIMAGE_MODEL and ZIMAGE_BASE_MODEL are both 'none': set at least one of them "
+                "(Turbo: Tongyi-MAI/Z-Image-Turbo, the base: Tongyi-MAI/Z-Image)"
+            )
+
         return cls(
-            model=text("ZIMAGE_MODEL", cls.model),
+            model=model,
+            base_model=base_model,
             safety_checker_model=text("SAFETY_CHECKER_MODEL", cls.safety_checker_model),
             controlnet_model=text("CONTROLNET_MODEL", cls.controlnet_model),
             depth_model=text("DEPTH_MODEL", cls.depth_model),
@@ -161,6 +175,9 @@ class Settings:
             bucket_region=text("BUCKET_REGION", None),
             bucket_addressing_style=addressing,
             price_per_image_usd=_number(env, "PRICE_PER_IMAGE_USD", cls.price_per_image_usd, 0.0, 1000.0),
+            base_price_per_image_usd=_number(
+                env, "BASE_PRICE_PER_IMAGE_USD", cls.base_price_per_image_usd, 0.0, 1000.0
+            ),
             acceleration=acceleration,
             report_progress=bool(text("RUNPOD_WEBHOOK_POST_OUTPUT", None)),
             allow_download=_flag(env, "ZIMAGE_ALLOW_DOWNLOAD", cls.allow_download),
