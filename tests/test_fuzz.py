@@ -22,6 +22,7 @@ import requests
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from src.request.models import MODELS
 from src.request.schema import FIELDS, MAX_SEED, GenerateRequest, parse_request
 from src.runtime.errors import JobError
 from tests.conftest import data_uri_of, png_bytes
@@ -107,6 +108,7 @@ near_rules = {
     ),
     "control_preprocess": st.sampled_from(["none", "canny", "depth", "hed", "", "CANNY", None]),
     "control_scale": st.floats(-0.5, 2.5) | st.sampled_from([0, 2, "1", True, math.nan]),
+    "model": st.sampled_from(["z-image-turbo", "z-image", "Z-Image", "", "flux", None, 1, ["z-image"]]),
 }
 field_values = st.sampled_from(list(FIELDS)).flatmap(
     lambda name: st.tuples(st.just(name), near_rules[name] | json_values)
@@ -144,7 +146,9 @@ def assert_sound(request: GenerateRequest) -> None:
     assert 256 <= request.width <= 2048 and 256 <= request.height <= 2048
     assert type(request.seed) is int and -1 <= request.seed <= MAX_SEED
     assert type(request.num_images) is int and 1 <= request.num_images <= 4
-    assert type(request.num_inference_steps) is int and 1 <= request.num_inference_steps <= 50
+    assert request.model in MODELS
+    steps = request.num_inference_steps
+    assert type(steps) is int and 1 <= steps <= MODELS[request.model].max_steps
     assert type(request.output_quality) is int and 1 <= request.output_quality <= 100
     assert type(request.enable_safety_checker) is bool
     assert request.output_format in ("png", "jpeg", "webp")
@@ -234,6 +238,9 @@ def test_local_api_answers_every_generated_body(api, raw):
     if expected_error is not None:
         # The API says exactly what the model says: nothing is lost or added on the way.
         assert reply == {"id": reply["id"], "status": "FAILED", "error": expected_error}
+    elif reply["status"] == "FAILED" and job_input.get("model", "z-image-turbo") != "z-image-turbo":
+        # This worker serves Turbo only: a valid request for another model is refused, naming it.
+        assert reply["error"].startswith(f"model: {job_input['model']!r} is not served by this worker"), reply
     elif reply["status"] == "FAILED" and "control_image" in job_input:
         # This worker has no ControlNet: every control job is refused, naming the field.
         assert reply["error"].startswith("control_image: this worker has no ControlNet"), reply
