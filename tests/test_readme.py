@@ -5,12 +5,14 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from builder.tiny_model import tiny_pipeline
 from src.request.schema import parse_request
 from tests.conftest import ROOT, LocalAPI, data_uri_of, local_api, png_bytes, worker_env
 from tests.test_local_api import run_cli
@@ -61,12 +63,21 @@ def lora_dir(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 @pytest.fixture(scope="module")
 def readme_env(tiny_model: Path, lora_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """The README's LoRAs in LORA_DIRS, and a tiny 2.1 ControlNet and depth model for its control example."""
+    """The README's LoRAs in LORA_DIRS, a tiny 2.1 ControlNet and depth model for its control example,
+    and a base-shaped model for its two-models example."""
     root = tmp_path_factory.mktemp("readme-control")
     _, release = save_controlnet(tiny_model, "2.1", root / "cn")
     depth = build_tiny_depth(root / "depth")
+    base = root / "base"
+    shutil.copytree(tiny_model, base)
+    shutil.rmtree(base / "transformer")
+    tiny_pipeline(seed=7).transformer.save_pretrained(base / "transformer", safe_serialization=True)
     return worker_env(
-        tiny_model, LORA_DIRS=str(lora_dir), CONTROLNET_MODEL=str(release), DEPTH_MODEL=str(depth)
+        tiny_model,
+        LORA_DIRS=str(lora_dir),
+        CONTROLNET_MODEL=str(release),
+        DEPTH_MODEL=str(depth),
+        ZIMAGE_BASE_MODEL=str(base),
     )
 
 

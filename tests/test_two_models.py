@@ -202,3 +202,51 @@ def test_settings_for_the_base_model():
         Settings.from_env({"ZIMAGE_MODEL": "none"})
     with pytest.raises(SettingsError, match="BASE_PRICE_PER_IMAGE_USD"):
         Settings.from_env({"BASE_PRICE_PER_IMAGE_USD": "cheap"})
+
+
+def test_control_on_the_base_equals_diffusers_and_shares_the_controlnet(tiny_model, base_model, tmp_path):
+    from diffusers import ZImageControlNetPipeline
+
+    from src.control.preprocess import load_control
+    from tests.test_control import CONTROL, diffusers_pipeline
+    from tests.tiny_controlnets import save_controlnet
+
+    folder, single_file = save_controlnet(tiny_model, "2.1", tmp_path / "controlnet")
+    settings = Settings(
+        model=str(tiny_model),
+        base_model=str(base_model),
+        safety_checker_model="none",
+        controlnet_model=str(single_file),
+        depth_model="none",
+    )
+    worker = Worker.start(settings)
+    fields = {**JOB, "control_image": CONTROL, "num_inference_steps": 3}
+    controlnets = {
+        name: served.generator.pipelines["text-to-image with control"].controlnet
+        for name, served in worker.models.items()
+    }
+    turbo_net, base_net = controlnets["z-image-turbo"], controlnets["z-image"]
+    # One copy of the control weights; each view runs its own model's embedders.
+    assert {p.data_ptr() for p in turbo_net.control_layers.parameters()} == {
+        p.data_ptr() for p in base_net.control_layers.parameters()
+    }
+    assert (
+        turbo_net.t_embedder is worker.models["z-image-turbo"].generator.text_to_image.transformer.t_embedder
+    )
+    assert base_net.t_embedder is worker.models["z-image"].generator.text_to_image.transformer.t_embedder
+    control = load_control(parse_request(fields))
+    for name, model_folder, guidance in (("z-image", base_model, 4.0), ("z-image-turbo", tiny_model, 0.0)):
+        output = handle_job(worker, {"id": name, "input": {**fields, "model": name}})
+        pipe = diffusers_pipeline(ZImageControlNetPipeline, model_folder, folder)
+        expected = pipe(
+            prompt=JOB["prompt"],
+            control_image=control,
+            controlnet_conditioning_scale=0.75,
+            height=256,
+            width=256,
+            num_inference_steps=3,
+            guidance_scale=guidance,
+            generator=[torch.Generator().manual_seed(JOB["seed"])],
+            output_type="np",
+        ).images[0]
+        assert np.abs(pixels(output) - np.round(expected * 255)).max() <= 2, name

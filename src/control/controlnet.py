@@ -14,6 +14,7 @@ refiners (`ZImageControlNetModel.from_transformer`), so nothing is loaded twice.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -195,3 +196,18 @@ def _broken(where: Path, err: Exception) -> ModelNotFound:
         f"{NAME}: {where} is there but cannot be loaded ({load_failure(err)}). "
         "A file in it is truncated or corrupt: download or copy the weights again."
     )
+
+
+def bound_to(controlnet: ZImageControlNetModel, transformer: torch.nn.Module) -> ZImageControlNetModel:
+    """The same control weights, wired to another transformer's embedders and refiners.
+
+    The Fun ControlNet Union runs the transformer's own embedders and refiners (`from_transformer`);
+    the base model's differ from Turbo's. A shallow copy with its own module and parameter tables
+    shares every control block (no second copy of the ControlNet's weights), and
+    `from_transformer` then points the copy, and only the copy, at `transformer`'s.
+    """
+    view = copy.copy(controlnet)
+    view._modules = dict(controlnet._modules)
+    view._parameters = dict(controlnet._parameters)
+    view._buffers = dict(controlnet._buffers)
+    return ZImageControlNetModel.from_transformer(view, transformer)

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 from PIL import Image
 
-from src.control.controlnet import load_controlnet
+from src.control.controlnet import bound_to, load_controlnet
 from src.control.preprocess import DepthEstimator, load_control, no_depth_model
 from src.delivery.encoding import data_uri, encode_image
 from src.delivery.storage import Storage
@@ -117,7 +117,7 @@ class Worker:
         roots = roots or SearchRoots(allow_download=settings.allow_download)
         pipes = load_family(settings, roots, dtype)
         clock.lap("load_weights")
-        first = next(iter(pipes))  # the ControlNet was trained on Turbo: it goes with the first model
+        first = next(iter(pipes))
         controlnet, depth = None, None
         if settings.control_enabled:
             controlnet = load_controlnet(settings.controlnet_model, pipes[first].transformer, dtype, roots)
@@ -146,16 +146,12 @@ class Worker:
             )
             pipe = pipe.to(device)
             clock.lap("move_to_device")
-            generator = ZImageGenerator(
-                pipe,
-                device,
-                controlnet if name == first else None,
-                prompts=shared_prompts,
-                no_control=f"control_image: this worker's ControlNet serves model '{first}' only: send the "
-                f"job with model '{first}', or leave 'control_image' out"
-                if controlnet is not None
-                else None,
+            # The ControlNet was trained on Turbo; another model gets a view of the same weights
+            # wired to its own transformer's embedders (src/control/controlnet.py).
+            control = (
+                controlnet if controlnet is None or name == first else bound_to(controlnet, pipe.transformer)
             )
+            generator = ZImageGenerator(pipe, device, control, prompts=shared_prompts)
             loras = LoraAdapters(generator.text_to_image, files, settings.lora_max_loaded, hotswap=compiled)
             generator.accelerate(settings.acceleration, settings.compile)
             models[name] = ServedModel(generator, loras)

@@ -58,12 +58,17 @@ def load_family(settings: Settings, roots: SearchRoots, dtype: torch.dtype) -> d
 
 
 def same_files(a: Path, b: Path) -> bool:
-    """Whether two folders hold the same file names with the same contents."""
+    """Whether two folders hold the same file names with the same contents. A baked image links the
+    base's shared components to Turbo's files (builder/download_weights.py): the same real file
+    is the same content, and nothing is read."""
     names_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     names_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
     if not names_a or names_a != names_b:
         return False
-    return all(_digest(a / name) == _digest(b / name) for name in names_a)
+    return all(
+        (a / name).resolve() == (b / name).resolve() or _digest(a / name) == _digest(b / name)
+        for name in names_a
+    )
 
 
 def _digest(path: Path) -> tuple[int, str]:

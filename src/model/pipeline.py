@@ -73,10 +73,8 @@ class ZImageGenerator:
         device: torch.device,
         controlnet: ZImageControlNetModel | None = None,
         prompts: PromptEncoder | None = None,
-        no_control: str | None = None,
     ) -> None:
-        """`prompts`: another model's encoder and cache, when both use the same text encoder;
-        `no_control`: why this model has no ControlNet, when the worker has one for another."""
+        """`prompts`: another model's encoder and cache, when both use the same text encoder."""
         self.device = device
         self.text_to_image = text_to_image
         self.controlnet = controlnet
@@ -95,7 +93,7 @@ class ZImageGenerator:
                     else mode.pipeline(**text_to_image.components)
                 )
             elif controlnet is None:
-                self.refusals[mode.name] = no_control or (
+                self.refusals[mode.name] = (
                     "control_image: this worker has no ControlNet (started with CONTROLNET_MODEL=none): "
                     "leave 'control_image' out, or send the job to a worker with CONTROLNET_MODEL set"
                 )
@@ -266,17 +264,33 @@ def not_shared_linears(owner: torch.nn.Module) -> Callable[[torch.nn.Module, str
     return lambda layer, name: isinstance(layer, torch.nn.Linear) and id(layer) not in shared
 
 
+# Linear layers already given float8 in this process: a layer that two modules hold (the base
+# model's ControlNet view shares Turbo's ControlNet's control blocks) is quantized once.
+_FLOAT8_DONE: set[int] = set()
+
+
 def _float8_matmuls(module: torch.nn.Module, what: str, skip: torch.nn.Module | None = None) -> None:
     """ZIMAGE_ACCELERATION=fp8: torchao's dynamic float8 activations and weights for the linears.
 
     Needs torchao and a GPU with float8 tensor cores (Ada, Hopper or newer); without them
     the worker logs why and keeps bf16, so a setting never stops a working deployment.
     """
+    wanted = (
+        not_shared_linears(skip)
+        if skip is not None
+        else lambda layer, name: isinstance(layer, torch.nn.Linear)
+    )
+
+    def fresh(layer: torch.nn.Module, name: str) -> bool:
+        return wanted(layer, name) and id(layer) not in _FLOAT8_DONE
+
+    chosen = [id(layer) for name, layer in module.named_modules() if fresh(layer, name)]
     try:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
         config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
-        quantize_(module, config, filter_fn=None if skip is None else not_shared_linears(skip))
+        quantize_(module, config, filter_fn=fresh)
+        _FLOAT8_DONE.update(chosen)
         log.info("fp8: float8 matmuls on the %s's linear layers", what)
     except Exception as err:  # torchao missing, or a GPU without float8
         log.warning("fp8 requested for the %s but unavailable (%s); keeping bf16", what, err)
