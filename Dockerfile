@@ -3,6 +3,7 @@
 #   docker build -t <registry>/zimage-turbo-worker:<tag> .
 #   docker build --build-arg ZIMAGE_REVISION=<commit> --build-arg SAFETY_REVISION=<commit> ...
 #   docker build --build-arg BAKE_WEIGHTS=safety ...   # the checker only: Z-Image from Runpod's cache
+#   docker build --build-arg ZIMAGE_BASE_REPO=Tongyi-MAI/Z-Image ...   # the base model beside Turbo
 #   docker build --build-arg BAKE_WEIGHTS=0 ...        # no weights: all from a network volume
 #
 # Layers run from the least to the most often changed: system and Python packages, then
@@ -43,12 +44,18 @@ RUN pip install --no-cache-dir "torch==2.13.0" --index-url "$TORCH_INDEX_URL" \
 #    Pin the revisions (a commit hash) for reproducible images: "" means the main branch.
 #    BAKE_WEIGHTS: 1 both models; safety the 0.3 GB checker only (an endpoint's cached model
 #    is limited to one repo: Z-Image); 0 none (a network volume holds both).
+#    ZIMAGE_BASE_REPO bakes the undistilled base Z-Image too: 12.3 GB more beside Turbo (its
+#    text encoder, tokenizer and VAE, where the Hub lists the same files as Turbo's, are links
+#    to Turbo's folders, not a second copy), about 20.5 GB alone (BAKE_WEIGHTS=safety or
+#    ZIMAGE_REPO=none); none: no base.
 #    CONTROLNET_REPO bakes one single-file ControlNet release (CONTROLNET_FILE, default
 #    <repo name>.safetensors; 2.1 is 6.7 GB) and DEPTH_REPO beside it; none: no control.
 ARG ZIMAGE_REPO=Tongyi-MAI/Z-Image-Turbo
 ARG ZIMAGE_REVISION=
 ARG SAFETY_REPO=Falconsai/nsfw_image_detection
 ARG SAFETY_REVISION=
+ARG ZIMAGE_BASE_REPO=none
+ARG ZIMAGE_BASE_REVISION=
 ARG BAKE_WEIGHTS=1
 ARG CONTROLNET_REPO=none
 ARG CONTROLNET_FILE=
@@ -60,11 +67,13 @@ RUN case "$BAKE_WEIGHTS" in \
       1) python /opt/builder/download_weights.py --dest /models \
            --zimage-repo "$ZIMAGE_REPO" --zimage-revision "$ZIMAGE_REVISION" \
            --safety-repo "$SAFETY_REPO" --safety-revision "$SAFETY_REVISION" \
+           --base-repo "$ZIMAGE_BASE_REPO" --base-revision "$ZIMAGE_BASE_REVISION" \
            --controlnet-repo "$CONTROLNET_REPO" --controlnet-file "$CONTROLNET_FILE" \
            --controlnet-revision "$CONTROLNET_REVISION" \
            --depth-repo "$DEPTH_REPO" --depth-revision "$DEPTH_REVISION" ;; \
       safety) python /opt/builder/download_weights.py --dest /models --zimage-repo none \
            --safety-repo "$SAFETY_REPO" --safety-revision "$SAFETY_REVISION" \
+           --base-repo "$ZIMAGE_BASE_REPO" --base-revision "$ZIMAGE_BASE_REVISION" \
            --controlnet-repo "$CONTROLNET_REPO" --controlnet-file "$CONTROLNET_FILE" \
            --controlnet-revision "$CONTROLNET_REVISION" \
            --depth-repo "$DEPTH_REPO" --depth-revision "$DEPTH_REVISION" ;; \
@@ -74,7 +83,9 @@ RUN case "$BAKE_WEIGHTS" in \
 
 # The worker looks for the repos it was built with; at run time it never reaches the Hub
 # (weights missing from every local place stop it at start, with where it looked).
+# A repo id is found in /models/<repo name> when baked; none (the base's default) serves no model.
 ENV ZIMAGE_MODEL=$ZIMAGE_REPO \
+    ZIMAGE_BASE_MODEL=$ZIMAGE_BASE_REPO \
     SAFETY_CHECKER_MODEL=$SAFETY_REPO \
     CONTROLNET_MODEL=$CONTROLNET_REPO \
     DEPTH_MODEL=$DEPTH_REPO \

@@ -2,7 +2,8 @@
 
     python builder/download_weights.py --dest /models \\
         --zimage-repo Tongyi-MAI/Z-Image-Turbo --zimage-revision <commit> \\
-        --safety-repo Falconsai/nsfw_image_detection --safety-revision <commit>
+        --safety-repo Falconsai/nsfw_image_detection --safety-revision <commit> \\
+        [--base-repo Tongyi-MAI/Z-Image --base-revision <commit>]
 
 Writes /models/<repo name> for each repo, where src/model/files.py looks for baked weights.
 Only safetensors and the configs and tokenizer files that `from_pretrained` reads are
@@ -15,6 +16,11 @@ the image is 12 GB smaller and a cold start reads half the bytes.
 
 This file imports nothing from src/: the Dockerfile copies it alone before the weights
 layer, so a change to the worker's code does not download 33 GB again.
+
+The undistilled base Z-Image (`--base-repo`) is baked the same way, but the components it
+may share with Turbo (text encoder, tokenizer, VAE: 8 GB) are compared on the Hub first,
+file by file; the ones that are the same are not fetched again, and the base's folder links
+to Turbo's (the worker then loads them once, for both models).
 """
 
 from __future__ import annotations
@@ -29,8 +35,10 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 log = logging.getLogger("download_weights")
+T = TypeVar("T")
 
 # What `ZImagePipeline.from_pretrained(use_safetensors=True)` reads: the index, each
 # component's config and safetensors (with their shard index), the scheduler and tokenizer.
@@ -55,6 +63,9 @@ CONTROLNET_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json
 NEVER = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.onnx", "*.onnx_data", "*.gguf", "*.msgpack", "*.h5"]
 # Components stored in bf16 after download (the worker casts every component to bf16 at load).
 BF16_COMPONENTS = ("transformer",)
+# The components src/model/family.py shares between Turbo and the base when their files are
+# the same (SHAREABLE there): the base's folder then links to Turbo's instead of a second copy.
+SHAREABLE = ("text_encoder", "tokenizer", "vae")
 WIDE_FLOATS = ("float32", "float64")
 
 
@@ -78,6 +89,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="image classifier repo id, or 'none' to bake no checker",
     )
     parser.add_argument("--safety-revision", type=_revision, default=None, help="branch, tag or commit")
+    parser.add_argument(
+        "--base-repo",
+        type=_none_if_empty,
+        default="none",
+        help="the undistilled base Z-Image repo id (Tongyi-MAI/Z-Image), or 'none' (the default) to bake "
+        "no base; the components it has the same as --zimage-repo's are linked, not fetched again",
+    )
+    parser.add_argument("--base-revision", type=_revision, default=None, help="branch, tag or commit")
     parser.add_argument(
         "--controlnet-repo",
         type=_none_if_empty,
@@ -109,16 +128,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--endpoint", default=None, help="Hub address (default: HF_ENDPOINT or huggingface.co)"
     )
     args = parser.parse_args(argv)
-    for option in ("zimage_repo", "safety_repo", "controlnet_repo", "depth_repo"):
+    for option in ("zimage_repo", "base_repo", "safety_repo", "controlnet_repo", "depth_repo"):
         repo = getattr(args, option)
         if repo.lower() != "none" and repo.count("/") != 1:
             parser.error(
                 f"--{option.replace('_', '-')}: {repo!r} is not a repo id of the form Org/Name (or none)"
             )
-    if args.zimage_repo.lower() == args.safety_repo.lower() == args.controlnet_repo.lower() == "none":
+    repos = (args.zimage_repo, args.safety_repo, args.controlnet_repo, args.base_repo)
+    if all(repo.lower() == "none" for repo in repos):
         parser.error(
             "--zimage-repo and --safety-repo are both 'none': there is nothing to bake "
-            "(and no --controlnet-repo)"
+            "(and no --controlnet-repo or --base-repo)"
+        )
+    turbo_name, base_name = (repo.split("/")[-1].lower() for repo in (args.zimage_repo, args.base_repo))
+    if base_name != "none" and base_name == turbo_name:
+        parser.error(
+            f"--base-repo: {args.base_repo!r} would be baked into the same folder as --zimage-repo "
+            f"{args.zimage_repo!r}: name another repo (Tongyi-MAI/Z-Image) or none"
         )
     if args.retries < 1:
         parser.error(f"--retries: {args.retries} is not allowed: use 1 or more")
@@ -153,12 +179,22 @@ def allow_patterns(kind: str, file: str | None = None) -> list[str]:
     return list(patterns[kind])
 
 
-def selected_files(names: Iterable[str], kind: str, file: str | None = None) -> list[str]:
-    """Which of a repo's file names `download` fetches (the filter snapshot_download applies)."""
+def selected_files(
+    names: Iterable[str], kind: str, file: str | None = None, skip: Sequence[str] = ()
+) -> list[str]:
+    """Which of a repo's file names `download` fetches (the filter snapshot_download applies).
+
+    `skip` names component folders left out (those the base links to Turbo's).
+    """
     from huggingface_hub.utils import filter_repo_objects
 
     patterns = allow_patterns(kind, file)
-    return list(filter_repo_objects(list(names), allow_patterns=patterns, ignore_patterns=NEVER))
+    ignored = _ignore_patterns(skip)
+    return list(filter_repo_objects(list(names), allow_patterns=patterns, ignore_patterns=ignored))
+
+
+def _ignore_patterns(skip: Sequence[str]) -> list[str]:
+    return [*NEVER, *(f"{component}/*" for component in skip)]
 
 
 class IncompleteDownload(RuntimeError):
@@ -178,8 +214,10 @@ def download(
     endpoint: str | None = None,
     sleep: Callable[[float], None] = time.sleep,
     file: str | None = None,
+    skip: Sequence[str] = (),
 ) -> str:
-    """Fetch the files `kind` needs into `dest`; returns the commit they came from.
+    """Fetch the files `kind` needs into `dest`, but none under the `skip` folders; returns the
+    commit they came from.
 
     The revision is resolved to a commit first, so every attempt fetches the same files,
     and after each attempt every file the repo lists (and the patterns select) must be on
@@ -188,42 +226,103 @@ def download(
     revision or access is not retried, since waiting would not change the answer.
     """
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
     api = HfApi(endpoint=endpoint)
-    for attempt in range(1, retries + 1):
+
+    def attempt() -> tuple[str, list[str]]:
+        info = api.model_info(repo_id, revision=revision)
+        wanted = selected_files((sibling.rfilename for sibling in info.siblings or []), kind, file, skip)
+        _check_selection(repo_id, kind, wanted)
+        snapshot_download(
+            repo_id,
+            revision=info.sha,
+            local_dir=dest,
+            allow_patterns=allow_patterns(kind, file),
+            ignore_patterns=_ignore_patterns(skip),
+            endpoint=endpoint,
+        )
+        missing = [name for name in wanted if not (dest / name).is_file()]
+        if missing:
+            raise IncompleteDownload(f"{len(missing)} file(s) missing after the download, e.g. {missing[0]}")
+        return str(info.sha), wanted
+
+    commit, wanted = _with_retries(repo_id, attempt, retries, sleep)
+    # huggingface_hub's bookkeeping of the download; stale once files are rewritten below.
+    shutil.rmtree(dest / ".cache", ignore_errors=True)
+    log.info("%s: %d files at commit %s in %s", repo_id, len(wanted), commit, dest)
+    return commit
+
+
+def file_ids(
+    repo_id: str,
+    revision: str | None,
+    retries: int = 5,
+    endpoint: str | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> tuple[str, dict[str, str | None]]:
+    """The commit `revision` names, and for each pipeline file `download` would fetch, what the
+    Hub says its content is: the sha256 of an LFS file (the weights), else its git blob id.
+
+    None where the Hub gave neither: such a file is never taken for the same as another.
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=endpoint)
+
+    def attempt() -> tuple[str, dict[str, str | None]]:
+        info = api.model_info(repo_id, revision=revision, files_metadata=True)
+        siblings = {sibling.rfilename: sibling for sibling in info.siblings or []}
+        ids = {}
+        for name in selected_files(siblings, "pipeline"):
+            sibling = siblings[name]
+            ids[name] = sibling.lfs.sha256 if sibling.lfs else sibling.blob_id
+        return str(info.sha), ids
+
+    return _with_retries(repo_id, attempt, retries, sleep)
+
+
+def shared_components(turbo: dict[str, str | None], base: dict[str, str | None]) -> list[str]:
+    """The SHAREABLE components whose files (names and contents, per `file_ids`) are all the same."""
+    shared = []
+    for component in SHAREABLE:
+        ours, theirs = (
+            {name: id_ for name, id_ in ids.items() if name.startswith(f"{component}/")}
+            for ids in (turbo, base)
+        )
+        if ours and ours == theirs and None not in ours.values():
+            shared.append(component)
+    return shared
+
+
+def link_component(link: Path, target: Path) -> None:
+    """Make `link` a relative symlink to `target` (both under /models: the link survives a move)."""
+    if link.is_symlink() or link.is_file():
+        link.unlink()
+    elif link.exists():
+        shutil.rmtree(link)  # a copy left by an earlier run
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)
+
+
+def _with_retries(repo_id: str, attempt: Callable[[], T], retries: int, sleep: Callable[[float], None]) -> T:
+    """`attempt()`, tried up to `retries` times 2, 4, 8 ... s apart (at most 60 s), except for
+    the answers waiting would not change: a missing repo, revision or access, not a model."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    for number in range(1, retries + 1):
         try:
-            info = api.model_info(repo_id, revision=revision)
-            wanted = selected_files((sibling.rfilename for sibling in info.siblings or []), kind, file)
-            _check_selection(repo_id, kind, wanted)
-            snapshot_download(
-                repo_id,
-                revision=info.sha,
-                local_dir=dest,
-                allow_patterns=allow_patterns(kind, file),
-                ignore_patterns=NEVER,
-                endpoint=endpoint,
-            )
-            missing = [name for name in wanted if not (dest / name).is_file()]
-            if missing:
-                raise IncompleteDownload(
-                    f"{len(missing)} file(s) missing after the download, e.g. {missing[0]}"
-                )
-            break
+            return attempt()
         except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError, NotAModel):
             raise
         except Exception as err:  # network, rate limit, Hub outage, disk: any may pass on a retry
-            if attempt == retries:
+            if number == retries:
                 raise
-            delay = min(2.0**attempt, 60.0)
+            delay = min(2.0**number, 60.0)
             log.warning(
-                "%s: attempt %d of %d failed (%s); retrying in %.0f s", repo_id, attempt, retries, err, delay
+                "%s: attempt %d of %d failed (%s); retrying in %.0f s", repo_id, number, retries, err, delay
             )
             sleep(delay)
-    # huggingface_hub's bookkeeping of the download; stale once files are rewritten below.
-    shutil.rmtree(dest / ".cache", ignore_errors=True)
-    log.info("%s: %d files at commit %s in %s", repo_id, len(wanted), info.sha, dest)
-    return str(info.sha)
+    raise ValueError(f"retries: {retries} is not allowed: use 1 or more")
 
 
 def _check_selection(repo_id: str, kind: str, wanted: list[str]) -> None:
@@ -320,26 +419,59 @@ def repo_folder(dest: Path, repo_id: str) -> Path:
     return dest / repo_id.split("/")[-1]
 
 
+def _convert(folder: Path, components: Iterable[str]) -> bool:
+    """Rewrite each listed component of a baked pipeline in bf16; False (logged) if one is missing."""
+    for component in components:
+        if not (folder / component / "config.json").is_file():
+            log.error("%s: no component %r to convert (is it a diffusers pipeline?)", folder, component)
+            return False
+        convert_to_bf16(folder / component)
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv)
 
     # 1. The pipeline, then its transformer (and any other listed component) in bf16.
+    turbo, turbo_commit = repo_folder(args.dest, args.zimage_repo), None
     if args.zimage_repo.lower() != "none":
-        folder = repo_folder(args.dest, args.zimage_repo)
-        download(args.zimage_repo, args.zimage_revision, folder, "pipeline", args.retries, args.endpoint)
-        for component in args.bf16_components:
-            if not (folder / component / "config.json").is_file():
-                log.error("%s: no component %r to convert (is it a diffusers pipeline?)", folder, component)
-                return 1
-            convert_to_bf16(folder / component)
+        turbo_commit = download(
+            args.zimage_repo, args.zimage_revision, turbo, "pipeline", args.retries, args.endpoint
+        )
+        if not _convert(turbo, args.bf16_components):
+            return 1
 
-    # 2. The safety checker, as published (0.2 GB: not worth a conversion).
+    # 2. The base model, like Turbo, but what it has the same as Turbo is linked, not fetched.
+    if args.base_repo.lower() != "none":
+        base, revision, shared = repo_folder(args.dest, args.base_repo), args.base_revision, []
+        if turbo_commit is not None:
+            _, turbo_ids = file_ids(args.zimage_repo, turbo_commit, args.retries, args.endpoint)
+            revision, base_ids = file_ids(args.base_repo, args.base_revision, args.retries, args.endpoint)
+            shared = shared_components(turbo_ids, base_ids)
+            for component in (c for c in SHAREABLE if c not in shared):
+                log.info("%s: its %s differs from %s's: fetched", args.base_repo, component, args.zimage_repo)
+        download(args.base_repo, revision, base, "pipeline", args.retries, args.endpoint, skip=shared)
+        for component in shared:
+            link_component(base / component, turbo / component)
+            log.info(
+                "%s: its %s is %s's (same files on the Hub): %s links to %s",
+                args.base_repo,
+                component,
+                args.zimage_repo,
+                base / component,
+                turbo / component,
+            )
+        # A shared component was converted (or not) with Turbo's: the link already shows the result.
+        if not _convert(base, [c for c in args.bf16_components if c not in shared]):
+            return 1
+
+    # 3. The safety checker, as published (0.2 GB: not worth a conversion).
     if args.safety_repo.lower() != "none":
         checker = repo_folder(args.dest, args.safety_repo)
         download(args.safety_repo, args.safety_revision, checker, "classifier", args.retries, args.endpoint)
 
-    # 3. The ControlNet (one release file, as published: bf16), and the depth model beside it.
+    # 4. The ControlNet (one release file, as published: bf16), and the depth model beside it.
     if args.controlnet_repo.lower() != "none":
         name = args.controlnet_repo.split("/")[-1]
         file = args.controlnet_file or f"{name}.safetensors"

@@ -1,15 +1,18 @@
 """builder/download_weights.py: options, file selection, downloads from a loopback Hub, bf16 conversion.
 
 The Hub here is a real HTTP server on 127.0.0.1 that answers the few routes huggingface_hub
-uses (model info, tree listing, file resolve), so the real `snapshot_download` runs against
-it. The conversion is checked where it matters: the converted folder, loaded by the real
-`ZImagePipeline.from_pretrained`, makes exactly the images the original folder makes.
+uses (model info with its files' metadata, tree listing, file resolve), so the real
+`snapshot_download` and `model_info` run against it. The conversion is checked where it
+matters: the converted folder, loaded by the real `ZImagePipeline.from_pretrained`, makes
+exactly the images the original folder makes. The base model is baked beside Turbo with the
+components they share on the Hub linked to Turbo's, never fetched twice.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import threading
 from collections.abc import Iterator
@@ -23,10 +26,11 @@ import torch
 from diffusers import ZImagePipeline, ZImageTransformer2DModel
 from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load, save, save_file
 
 from builder import download_weights as dw
 from src.control.controlnet import load_controlnet
+from src.model.family import same_files
 from src.model.files import SearchRoots, missing_classifier_files, missing_pipeline_files
 from tests.tiny_controlnets import build_tiny_depth, save_controlnet
 
@@ -97,7 +101,9 @@ class LoopbackHub:
         """The three routes snapshot_download and model_info use, for one repo."""
         api = f"/api/models/{repo}"
         if path in (api, f"{api}/revision/main", f"{api}/revision/{COMMIT}"):
-            info = {"id": repo, "sha": COMMIT, "siblings": [{"rfilename": name} for name in files]}
+            # Always with what `files_metadata=True` (?blobs=true) adds: extra keys harm no other call.
+            siblings = [LoopbackHub.sibling(name, body) for name, body in files.items()]
+            info = {"id": repo, "sha": COMMIT, "siblings": siblings}
             return 200, json.dumps(info).encode(), {}
         if path.startswith(f"{api}/tree/{COMMIT}"):
             tree = [
@@ -111,6 +117,17 @@ class LoopbackHub:
             return 200, files[name], {"X-Repo-Commit": COMMIT, "ETag": f'"{etag}"'}
         return None
 
+    @staticmethod
+    def sibling(name: str, body: bytes) -> dict:
+        """A file's entry as the Hub lists it: safetensors are in LFS (sha256 of the content, and a
+        git blob id of the pointer file), other files in git (blob id of the content)."""
+        if not name.endswith(".safetensors"):
+            return {"rfilename": name, "size": len(body), "blobId": git_blob_id(body)}
+        sha256 = hashlib.sha256(body).hexdigest()
+        pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {len(body)}\n"
+        lfs = {"size": len(body), "sha256": sha256, "pointerSize": len(pointer)}
+        return {"rfilename": name, "size": len(body), "blobId": git_blob_id(pointer.encode()), "lfs": lfs}
+
     def fetched(self, repo: str) -> set[str]:
         """The files of `repo` whose bytes were asked for (GET, not HEAD)."""
         prefix = f"GET /{repo}/resolve/{COMMIT}/"
@@ -121,6 +138,10 @@ class LoopbackHub:
         self.httpd.server_close()
 
 
+def git_blob_id(body: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(body) + body).hexdigest()  # noqa: S324 (git's own id)
+
+
 def folder_files(folder: Path) -> dict[str, bytes]:
     return {
         p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
@@ -128,15 +149,33 @@ def folder_files(folder: Path) -> dict[str, bytes]:
 
 
 ZIMAGE, CHECKER = "Tongyi-MAI/Z-Image-Turbo", "Falconsai/nsfw_image_detection"
+BASE = "Tongyi-MAI/Z-Image"
+
+
+def rescaled(body: bytes, factor: float) -> bytes:
+    """Other weights of the same shapes: a safetensors file with every float tensor scaled."""
+    tensors = load(body)
+    return save({name: t * factor if t.is_floating_point() else t for name, t in tensors.items()})
+
+
+def base_files(tiny_model: Path, vae_differs: bool = True) -> dict[str, bytes]:
+    """The base as published beside Turbo: its own transformer, Turbo's text encoder and tokenizer,
+    and (unless told otherwise) a VAE of its own."""
+    files = folder_files(tiny_model) | NOT_FETCHED
+    changed = [name for name in files if name.startswith("transformer/") and name.endswith(".safetensors")]
+    if vae_differs:
+        changed.append("vae/diffusion_pytorch_model.safetensors")
+    return files | {name: rescaled(files[name], 0.5) for name in changed}
 
 
 @pytest.fixture
 def hub(tiny_model: Path, never_flags: Path) -> Iterator[LoopbackHub]:
-    """Both published repos, each with the files a real repo carries besides the weights we use."""
+    """The published repos, each with the files a real repo carries besides the weights we use."""
     server = LoopbackHub(
         {
             ZIMAGE: folder_files(tiny_model) | NOT_FETCHED,
             CHECKER: folder_files(never_flags) | {"pytorch_model.bin": b"pickle", "onnx/model.onnx": b"onnx"},
+            BASE: base_files(tiny_model),
         }
     )
     yield server
@@ -177,6 +216,8 @@ def test_arguments_pin_revisions_and_treat_an_empty_one_as_unpinned():
         (["--safety-repo", "a/b/c"], "--safety-repo: 'a/b/c' is not a repo id"),
         (["--retries", "0"], "--retries: 0 is not allowed"),
         (["--zimage-repo", "none", "--safety-repo", "None"], "both 'none': there is nothing to bake"),
+        (["--base-repo", "Z-Image"], "--base-repo: 'Z-Image' is not a repo id"),
+        (["--base-repo", "someone/Z-Image-Turbo"], "would be baked into the same folder as --zimage-repo"),
     ],
 )
 def test_bad_arguments_stop_with_a_message(argv, message, capsys):
@@ -467,3 +508,86 @@ def test_an_unset_controlnet_build_arg_bakes_no_controlnet():
     assert (args.controlnet_repo, args.depth_repo, args.controlnet_file) == ("none", "none", None)
     with pytest.raises(ValueError, match="name one .safetensors file"):
         dw.allow_patterns("controlnet", "model.ckpt")
+
+
+# ---------------------------------------------------------------------- the base model
+def test_the_base_is_not_baked_unless_asked_and_an_unset_build_arg_means_none():
+    assert (dw.parse_args([]).base_repo, dw.parse_args([]).base_revision) == ("none", None)
+    args = dw.parse_args(["--base-repo", "", "--base-revision", ""])
+    assert (args.base_repo, args.base_revision) == ("none", None)
+    # The base alone is something to bake.
+    assert (
+        dw.parse_args(["--zimage-repo", "none", "--safety-repo", "none", "--base-repo", BASE]).base_repo
+        == BASE
+    )
+
+
+def test_shared_components_are_those_whose_every_file_is_the_same():
+    turbo = {"text_encoder/a.safetensors": "1", "text_encoder/config.json": "2", "vae/v.safetensors": "3"}
+    assert dw.shared_components(turbo, dict(turbo)) == ["text_encoder", "vae"]
+    assert dw.shared_components(turbo, turbo | {"vae/v.safetensors": "4"}) == ["text_encoder"]
+    assert dw.shared_components(turbo, turbo | {"text_encoder/b.safetensors": "5"}) == ["vae"]  # a file more
+    assert dw.shared_components(turbo, {}) == []
+    unknown = dict.fromkeys(turbo)  # no metadata from the Hub: never taken for the same
+    assert dw.shared_components(unknown, unknown) == []
+
+
+def test_file_ids_are_the_lfs_sha256_or_the_git_blob_id(hub, tiny_model):
+    commit, ids = dw.file_ids(ZIMAGE, None, endpoint=hub.url)
+    assert commit == COMMIT
+    files = folder_files(tiny_model)
+    assert set(ids) == set(files)  # what `download` would fetch: nothing of NOT_FETCHED
+    vae = "vae/diffusion_pytorch_model.safetensors"
+    assert ids[vae] == hashlib.sha256(files[vae]).hexdigest()
+    assert ids["vae/config.json"] == git_blob_id(files["vae/config.json"])
+    assert hub.fetched(ZIMAGE) == set()  # the metadata only
+
+
+def test_main_bakes_the_base_beside_turbo_linking_what_they_share(hub, tiny_model, tmp_path, caplog):
+    caplog.set_level("INFO", logger="download_weights")
+    assert dw.main(["--dest", str(tmp_path), "--endpoint", hub.url, "--base-repo", BASE]) == 0
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Z-Image", "Z-Image-Turbo", "nsfw_image_detection"]
+    turbo, base = tmp_path / "Z-Image-Turbo", tmp_path / "Z-Image"
+    # Text encoder and tokenizer are Turbo's: not fetched, and links to Turbo's baked folders.
+    fetched = hub.fetched(BASE)
+    assert fetched and not {name for name in fetched if name.startswith(("text_encoder/", "tokenizer/"))}
+    for component in ("text_encoder", "tokenizer"):
+        link = base / component
+        assert link.is_symlink() and os.readlink(link) == f"../Z-Image-Turbo/{component}"  # relative
+        assert link.resolve() == (turbo / component).resolve()
+        assert same_files(turbo / component, link)  # what the worker checks before sharing
+        assert f"its {component} is {ZIMAGE}'s" in caplog.text
+    # Its own VAE and transformer are fetched, and its transformer is stored in bf16 too.
+    assert {name for name in folder_files(tiny_model) if name.startswith(("vae/", "transformer/"))} <= fetched
+    assert not (base / "vae").is_symlink() and not same_files(turbo / "vae", base / "vae")
+    assert f"its vae differs from {ZIMAGE}'s: fetched" in caplog.text
+    assert missing_pipeline_files(base) == []
+    assert dtypes(base / "transformer") == {"torch.bfloat16"}
+    assert dtypes(base / "vae") == {"torch.float32"}
+    assert not set(NOT_FETCHED) & fetched
+
+
+def test_a_base_with_turbos_vae_links_that_too(tiny_model, tmp_path):
+    server = LoopbackHub({ZIMAGE: folder_files(tiny_model), BASE: base_files(tiny_model, vae_differs=False)})
+    try:
+        args = ["--safety-repo", "none", "--base-repo", BASE, "--bf16-components"]
+        assert dw.main(["--dest", str(tmp_path), "--endpoint", server.url, *args]) == 0
+        fetched = server.fetched(BASE)
+    finally:
+        server.close()
+    base = tmp_path / "Z-Image"
+    assert all(name.startswith(("model_index.json", "scheduler/", "transformer/")) for name in fetched)
+    assert {p.name for p in base.iterdir() if p.is_symlink()} == set(dw.SHAREABLE)
+    assert missing_pipeline_files(base) == []
+
+
+def test_a_base_without_turbo_is_baked_whole(hub, tiny_model, tmp_path):
+    args = ["--zimage-repo", "none", "--safety-repo", "none", "--base-repo", BASE]
+    assert dw.main(["--dest", str(tmp_path), "--endpoint", hub.url, *args]) == 0
+    base = tmp_path / "Z-Image"
+    assert [p.name for p in tmp_path.iterdir()] == ["Z-Image"]
+    assert not [p for p in base.iterdir() if p.is_symlink()]
+    assert hub.fetched(BASE) == set(folder_files(tiny_model)) and hub.fetched(ZIMAGE) == set()
+    assert missing_pipeline_files(base) == []
+    assert dtypes(base / "transformer") == {"torch.bfloat16"}

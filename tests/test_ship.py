@@ -142,18 +142,25 @@ def test_build_args_and_their_defaults():
     assert args["SAFETY_REPO"] == "Falconsai/nsfw_image_detection" == Settings().safety_checker_model
     assert args["ZIMAGE_REVISION"] == "" and args["SAFETY_REVISION"] == ""  # pinnable; empty = main
     assert args["BAKE_WEIGHTS"] == "1"
+    assert args["ZIMAGE_BASE_REPO"] == "none" == Settings().base_model  # Turbo only unless asked
+    assert args["ZIMAGE_BASE_REVISION"] == ""
     weights = instructions()[index_of(lambda op, a: op == "RUN" and "download_weights.py" in a)][1]
     for name in ("ZIMAGE_REPO", "ZIMAGE_REVISION", "SAFETY_REPO", "SAFETY_REVISION", "BAKE_WEIGHTS"):
         assert f'"${name}"' in weights
+    # The base is passed in both baking branches (with `safety`, Turbo comes from Runpod's cache).
+    assert weights.count('--base-repo "$ZIMAGE_BASE_REPO" --base-revision "$ZIMAGE_BASE_REVISION"') == 2
     assert "--dest /models " in weights
 
 
-@pytest.mark.parametrize(
-    ("bake", "baked"),
-    [("1", ["Z-Image-Turbo", "nsfw_image_detection"]), ("safety", ["nsfw_image_detection"]), ("0", [])],
-)
-def test_the_weights_step_bakes_what_bake_weights_says(bake, baked, hub, tmp_path):
-    """The Dockerfile's own RUN line, in a shell, against a loopback Hub (no Docker engine here)."""
+def test_the_image_serves_the_models_it_was_built_with():
+    (env,) = [args.split() for op, args in instructions() if op == "ENV" and "HF_HUB_OFFLINE=1" in args]
+    assert {"ZIMAGE_MODEL=$ZIMAGE_REPO", "ZIMAGE_BASE_MODEL=$ZIMAGE_BASE_REPO"} <= set(env)
+    assert {"SAFETY_CHECKER_MODEL=$SAFETY_REPO", "CONTROLNET_MODEL=$CONTROLNET_REPO"} <= set(env)
+
+
+def run_weights_step(hub, tmp_path: Path, **build_args: str) -> Path:
+    """The Dockerfile's own RUN line, in a shell, against a loopback Hub (no Docker engine here);
+    returns the folder it baked into."""
     script = instructions()[index_of(lambda op, args: op == "RUN" and "download_weights.py" in args)][1]
     script = script.replace("/opt/builder/download_weights.py", str(ROOT / "builder/download_weights.py"))
     models = tmp_path / "models"
@@ -167,14 +174,40 @@ def test_the_weights_step_bakes_what_bake_weights_says(bake, baked, hub, tmp_pat
         "ZIMAGE_REVISION": "",
         "SAFETY_REPO": "Falconsai/nsfw_image_detection",
         "SAFETY_REVISION": "",
-        "BAKE_WEIGHTS": bake,
+        **build_args,  # an arg left out is unset: "" in the shell, as Docker passes it
     }
     result = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+    return models
+
+
+@pytest.mark.parametrize(
+    ("bake", "baked"),
+    [("1", ["Z-Image-Turbo", "nsfw_image_detection"]), ("safety", ["nsfw_image_detection"]), ("0", [])],
+)
+def test_the_weights_step_bakes_what_bake_weights_says(bake, baked, hub, tmp_path):
+    models = run_weights_step(hub, tmp_path, BAKE_WEIGHTS=bake)
     assert (sorted(p.name for p in models.iterdir()) if models.exists() else []) == baked
     if "Z-Image-Turbo" in baked:
         assert missing_pipeline_files(models / "Z-Image-Turbo") == []
         assert test_builder.dtypes(models / "Z-Image-Turbo/transformer") == {"torch.bfloat16"}
+
+
+@pytest.mark.parametrize(
+    ("bake", "baked", "linked"),
+    [
+        ("1", ["Z-Image", "Z-Image-Turbo", "nsfw_image_detection"], {"text_encoder", "tokenizer"}),
+        ("safety", ["Z-Image", "nsfw_image_detection"], set()),  # no Turbo to share with: baked whole
+    ],
+)
+def test_the_weights_step_bakes_the_base_when_asked(bake, baked, linked, hub, tmp_path):
+    base = test_builder.BASE
+    models = run_weights_step(hub, tmp_path, BAKE_WEIGHTS=bake, ZIMAGE_BASE_REPO=base)
+    assert sorted(p.name for p in models.iterdir()) == baked
+    assert repo_folder(models, base) == models / "Z-Image"  # where ZIMAGE_BASE_MODEL=$ZIMAGE_BASE_REPO looks
+    assert missing_pipeline_files(models / "Z-Image") == []
+    assert {p.name for p in (models / "Z-Image").iterdir() if p.is_symlink()} == linked
+    assert test_builder.dtypes(models / "Z-Image/transformer") == {"torch.bfloat16"}
 
 
 def test_the_weights_step_refuses_an_unknown_bake_weights(tmp_path):
@@ -266,6 +299,25 @@ def test_hub_presets_set_only_offered_variables_to_valid_values():
     for preset in HUB["config"]["presets"]:
         assert preset["name"] and set(preset["defaults"]) <= set(hub_inputs())
         Settings.from_env({key: str(value) for key, value in preset["defaults"].items()})
+
+
+def test_hub_presets_offer_turbo_the_base_and_both_on_gpus_they_fit():
+    """Turbo alone or the base alone (bf16, ~20.5 GB) fit 24 GB; both (~33 GB) need 48 GB or more."""
+    served = {}
+    for preset in HUB["config"]["presets"]:
+        settings = Settings.from_env({key: str(value) for key, value in preset["defaults"].items()})
+        models = tuple(m != "none" for m in (settings.model.lower(), settings.base_model.lower()))
+        served.setdefault(models, []).append(preset["name"])
+    assert {(True, False), (False, True), (True, True)} <= set(served)
+    for name in served[(True, False)][:1] + served[(False, True)]:
+        assert "fits the 24 GB GPUs" in name, name
+    for name in served[(True, True)]:
+        assert "48 or 80 GB GPUs, not the 24 GB ones" in name, name
+    for name in served[(False, True)] + served[(True, True)]:
+        assert "Tongyi-MAI/Z-Image" in name, name  # where the base's weights come from
+    base_price = hub_inputs()["BASE_PRICE_PER_IMAGE_USD"]
+    assert base_price["default"] == Settings().base_price_per_image_usd == 0.01
+    assert hub_inputs()["ZIMAGE_BASE_MODEL"]["default"] == "none"
 
 
 def test_hub_tests_run_on_a_gpu_the_listing_offers():
