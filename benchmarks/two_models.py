@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import os
 import platform
-import shutil
 import statistics
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from builder.tiny_model import build_tiny_zimage, tiny_pipeline  # noqa: E402
+from builder.tiny_model import build_tiny_base, build_tiny_zimage  # noqa: E402
 from src.jobs.worker import Worker  # noqa: E402
 from src.runtime.settings import Settings  # noqa: E402
 
@@ -35,13 +34,6 @@ JOBS = {
 }
 
 
-def base_shaped(turbo: Path, folder: Path) -> Path:
-    shutil.copytree(turbo, folder)
-    shutil.rmtree(folder / "transformer")
-    tiny_pipeline(seed=7).transformer.save_pretrained(folder / "transformer", safe_serialization=True)
-    return folder
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=3)
@@ -50,7 +42,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="zimage-two-") as tmp:
         turbo = build_tiny_zimage(Path(tmp) / "turbo")
-        base = base_shaped(turbo, Path(tmp) / "base")
+        base = build_tiny_base(turbo, Path(tmp) / "base")
         worker = Worker.start(Settings(model=str(turbo), base_model=str(base), safety_checker_model="none"))
         rows = []
         for model, extra in JOBS.items():

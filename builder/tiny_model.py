@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -135,6 +136,16 @@ def tiny_pipeline(seed: int = 0) -> ZImagePipeline:
 def build_tiny_zimage(path: str | Path, seed: int = 0) -> Path:
     path = Path(path)
     tiny_pipeline(seed).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def build_tiny_base(turbo: str | Path, path: str | Path, seed: int = 7) -> Path:
+    """What Z-Image (base) is to Turbo, at toy size: Turbo's folder with a transformer of other
+    weights (the same text encoder, tokenizer and VAE files)."""
+    path = Path(path)
+    shutil.copytree(turbo, path)
+    shutil.rmtree(path / "transformer")
+    tiny_pipeline(seed).transformer.save_pretrained(path / "transformer", safe_serialization=True)
     return path
 
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import io
 import json
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from builder.tiny_model import tiny_pipeline
+from builder.tiny_model import build_tiny_base
 from src.request.schema import parse_request
 from tests.conftest import ROOT, LocalAPI, data_uri_of, local_api, png_bytes, worker_env
 from tests.test_local_api import run_cli
@@ -68,10 +67,7 @@ def readme_env(tiny_model: Path, lora_dir: Path, tmp_path_factory: pytest.TempPa
     root = tmp_path_factory.mktemp("readme-control")
     _, release = save_controlnet(tiny_model, "2.1", root / "cn")
     depth = build_tiny_depth(root / "depth")
-    base = root / "base"
-    shutil.copytree(tiny_model, base)
-    shutil.rmtree(base / "transformer")
-    tiny_pipeline(seed=7).transformer.save_pretrained(base / "transformer", safe_serialization=True)
+    base = build_tiny_base(tiny_model, root / "base")
     return worker_env(
         tiny_model,
         LORA_DIRS=str(lora_dir),

@@ -15,7 +15,7 @@ import pytest
 import torch
 from diffusers import ZImageImg2ImgPipeline, ZImagePipeline
 
-from builder.tiny_model import tiny_pipeline
+from builder.tiny_model import build_tiny_base, tiny_pipeline
 from src.inputs.pictures import cover_crop
 from src.jobs.worker import Worker
 from src.model.family import same_files
@@ -29,11 +29,7 @@ JOB = {"prompt": "a red kite over dunes", "size": "256*256", "seed": 4}
 @pytest.fixture(scope="module")
 def base_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Turbo's folder with a transformer of other weights: what Z-Image (base) is to Turbo."""
-    folder = tmp_path_factory.mktemp("base") / "tiny-zimage-base"
-    shutil.copytree(tiny_model, folder)
-    shutil.rmtree(folder / "transformer")
-    tiny_pipeline(seed=7).transformer.save_pretrained(folder / "transformer", safe_serialization=True)
-    return folder
+    return build_tiny_base(tiny_model, tmp_path_factory.mktemp("base") / "tiny-zimage-base")
 
 
 @pytest.fixture(scope="module")
