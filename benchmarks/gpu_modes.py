@@ -12,21 +12,33 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
-from diffusers import ZImageControlNetModel
+from diffusers import ZImageControlNetModel, ZImagePipeline, ZImageTransformer2DModel
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
 from src.control.configs import release_config
-from src.jobs.worker import Worker
+from src.jobs.worker import ServedModel, Worker
+from src.lora.adapters import LoraAdapters
 from src.model.pipeline import ZImageGenerator
+from src.request.models import MODELS
 from src.request.schema import GenerateRequest
 from src.runtime.settings import Settings
 
-# Run on the worker before the mode's jobs; what it returns goes into the mode's row.
+# Run on the worker's GPU thread before the mode's jobs; what it returns goes into the mode's row.
 Prepare = Callable[[Worker], dict[str, Any]]
+BASE = "z-image"
+
+
+class Mode(NamedTuple):
+    name: str
+    job: dict[str, Any]  # what the job adds to plain text-to-image
+    skipped: str | None  # why this version cannot run it, or None
+    prepare: Prepare | None = None
+    runs: int | None = None  # timed jobs, where fewer than GPU_BENCH_RUNS fit its box
+
 
 LORA_FILE = "bench-lora.safetensors"
 LORA_RANK = 32
@@ -73,6 +85,18 @@ def centre_mask(width: int, height: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def _random_on_device(model: type[torch.nn.Module], config: dict[str, Any], like: torch.nn.Module):
+    """`model(**config)` with torch's default random init, made straight in `like`'s dtype and on
+    its device: no multi-GB file to write and read, and no float32 copy."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(like.dtype)
+    try:
+        with torch.device(like.device):
+            return model(**config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def random_controlnet(worker: Worker) -> dict[str, Any]:
     """Give the worker a random 2.1 ControlNet of the real size, built on its device.
 
@@ -85,13 +109,8 @@ def random_controlnet(worker: Worker) -> dict[str, Any]:
     generator = worker.generator
     transformer = generator.text_to_image.transformer
     start = time.perf_counter()
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(transformer.dtype)
-    try:
-        with torch.device(generator.device):
-            controlnet = ZImageControlNetModel(**release_config("2.1", transformer.config)).eval()
-    finally:
-        torch.set_default_dtype(previous)
+    config = release_config("2.1", transformer.config)
+    controlnet = _random_on_device(ZImageControlNetModel, config, transformer)
     if generator.device.type == "cuda":
         torch.cuda.synchronize()
     built_s = time.perf_counter() - start
@@ -103,29 +122,69 @@ def random_controlnet(worker: Worker) -> dict[str, Any]:
     return {"controlnet": "2.1, random", "params": params, "build_s": round(built_s, 1)}
 
 
-def newer_modes(
-    image: str, width: int, height: int
-) -> list[tuple[str, dict[str, Any], str | None, Prepare | None]]:
-    """(mode, what the job adds, why it is skipped or None, what to do first) for each newer mode."""
+def random_base(worker: Worker) -> dict[str, Any]:
+    """Serve the base model beside Turbo: a second random transformer of the real size.
+
+    The base is Turbo's architecture with other weights (src/model/family.py), so its transformer
+    is built from Turbo's config on the worker's device, and the pipeline takes Turbo's text
+    encoder, tokenizer, VAE and prompt cache, as a worker with both models shares them. Its
+    time per step is the real base's; only the pixels mean nothing.
+    """
+    turbo = worker.models["z-image-turbo"]
+    pipe, device = turbo.generator.text_to_image, turbo.generator.device
+    start = time.perf_counter()
+    transformer = _random_on_device(ZImageTransformer2DModel, dict(pipe.transformer.config), pipe.transformer)
+    with torch.no_grad():  # torch.empty-initialised pad tokens could hold NaNs
+        transformer.x_pad_token.fill_(1.0)
+        transformer.cap_pad_token.fill_(1.0)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    built_s = time.perf_counter() - start
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    base = ZImagePipeline(**{**pipe.components, "transformer": transformer, "scheduler": scheduler})
+    generator = ZImageGenerator(base, device, prompts=turbo.generator.prompts)
+    generator.accelerate(worker.settings.acceleration, compile_blocks=False)
+    loras = LoraAdapters(base, turbo.loras.files, worker.settings.lora_max_loaded)
+    worker.models[BASE] = ServedModel(generator, loras)
+    params = sum(p.numel() for p in transformer.parameters())
+    return {"transformer": "random, Turbo's config", "params": params, "build_s": round(built_s, 1)}
+
+
+def newer_modes(image: str, width: int, height: int) -> list[Mode]:
+    """Each mode added after text-to-image, in the order the modes section runs them."""
     missing = "not in this version: the request model has no `{}` field"
+    base_card = MODELS.get(BASE)
     return [
-        (
+        Mode(
             "inpainting",
             {"image": image, "mask": centre_mask(width, height), "strength": 1.0},
             None if has_field("mask") else missing.format("mask"),
-            None,
         ),
-        (
+        Mode(
             "lora activation",
             {"loras": [{"path": LORA_FILE, "scale": 1.0}]},
             None if has_field("loras") else missing.format("loras"),
-            None,
         ),
-        (
+        Mode(
             # Text-to-image with control; the picture is the control map as sent (no preprocessing).
             "control",
             {"control_image": image},
             None if has_field("control_image") else missing.format("control_image"),
             random_controlnet,
+        ),
+        Mode(
+            # Last: the slowest row (2 x 50 transformer passes an image), so a box cut leaves the rest.
+            # Its defaults, written out: 50 steps, guidance 4, and a negative prompt (a real one
+            # costs the same as none: both are one more batch row).
+            "base model",
+            {"model": BASE, "negative_prompt": "blurry, low quality"}
+            | (
+                {"num_inference_steps": base_card.default_steps, "guidance_scale": base_card.default_guidance}
+                if base_card
+                else {}
+            ),  # fmt: skip
+            None if has_field("model") and base_card else missing.format("model"),
+            random_base,
+            runs=2,
         ),
     ]

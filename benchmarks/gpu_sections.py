@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -324,14 +325,17 @@ def modes() -> None:
     _, outs = timed_jobs(worker, {"size": size, "num_images": 4}, f"x4 {size}", max(1, min(CONFIG.runs, 3)))
     row = {"mode": "num_images 4", "size": size, **stages(outs), "peak_gib": peak_gib()}
     emit("modes", {**row, "per_image_ms": round(row["total_ms"] / 4, 1)})
-    for name, job, skipped, prepare in newer_modes(image, width, height):
-        if skipped:
-            emit("modes", {"mode": name, "skipped": skipped})
+    for mode in newer_modes(image, width, height):
+        name = mode.name
+        if mode.skipped:
+            emit("modes", {"mode": name, "skipped": mode.skipped})
             continue
         try:
             reset_peak()
-            added = prepare(worker) if prepare is not None else {}
-            _, outs = timed_jobs(worker, {"size": size, **job}, f"{name} {size}")
+            # On the GPU thread, where the worker runs all its torch work (src/runtime/gpu.py).
+            added = worker.gpu.call(partial(mode.prepare, worker)) if mode.prepare is not None else {}
+            runs = min(CONFIG.runs, mode.runs) if mode.runs else None
+            _, outs = timed_jobs(worker, {"size": size, **mode.job}, f"{name} {size}", runs)
             row = {"mode": name, "size": size, **stages(outs)}
             over = round(row["total_ms"] - stages(plain)["total_ms"], 1)
             emit("modes", {**row, "over_plain_ms": over, "peak_gib": peak_gib(), **added})

@@ -108,12 +108,16 @@ def test_sections_measure_what_they_name(tiny_run):
         assert by[(variant, variant)]["psnr_vs_bf16_db_min"] == "identical"
     assert by[("modes", "image_to_image")]["load_input_ms"] > 0
     assert by[("modes", "num_images 4")]["per_image_ms"] > 0
-    for mode in ("inpainting", "lora activation", "control"):
+    for mode in ("inpainting", "lora activation", "control", "base model"):
         row = by[("modes", mode)]
         assert row["total_ms"] > row["denoise_ms"] > 0, row
     # A random ControlNet of the 2.1 release's layout, built where the worker runs (the tiny one here).
     control = by[("modes", "control")]
     assert control["controlnet"] == "2.1, random" and control["params"] > 0 and control["build_s"] >= 0
+    # The base model beside Turbo on a second random transformer: its defaults, a shared text encoder.
+    base = by[("modes", "base model")]
+    assert base["total_ms"] > base["denoise_ms"] > by[("modes", "text_to_image")]["denoise_ms"], base
+    assert base["transformer"] == "random, Turbo's config" and base["params"] > 0
     loop = [row for row in rows if row["section"] == "job_loop"]
     assert loop and ("skipped" in loop[0]) == (not (ROOT / "benchmarks" / "job_loop.py").exists())
 
