@@ -20,7 +20,8 @@ from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
 from src.control.configs import release_config
-from src.jobs.worker import ServedModel, Worker
+from src.jobs.startup import ServedModel
+from src.jobs.worker import Worker
 from src.lora.adapters import LoraAdapters
 from src.model.pipeline import ZImageGenerator
 from src.request.models import MODELS

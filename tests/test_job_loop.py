@@ -92,7 +92,7 @@ def test_a_backlog_is_served_in_order_with_the_bytes_of_one_job_at_a_time(tiny_m
 def test_progress_goes_out_for_the_first_step_then_at_most_twice_a_second_and_the_last(monkeypatch):
     import runpod.serverless
 
-    from src.jobs.worker import PROGRESS_EVERY_S, _progress_reporter
+    from src.jobs.progress import PROGRESS_EVERY_S, progress_reporter
     from src.runtime.settings import Settings
 
     sent: list[tuple[float, int]] = []
@@ -101,7 +101,7 @@ def test_progress_goes_out_for_the_first_step_then_at_most_twice_a_second_and_th
         "progress_update",
         lambda job, progress: sent.append((time.monotonic(), progress["step"])),
     )
-    report = _progress_reporter({"id": "j"}, Settings(report_progress=True))
+    report = progress_reporter({"id": "j"}, Settings(report_progress=True))
     for step in range(1, 31):
         report(step, 30)
         time.sleep(0.05)
@@ -109,7 +109,7 @@ def test_progress_goes_out_for_the_first_step_then_at_most_twice_a_second_and_th
     assert steps[0] == 1 and steps[-1] == 30 and 3 <= len(steps) <= 6, steps
     gaps = [b - a for (a, _), (b, _) in zip(sent[:-1], sent[1:-1], strict=False)]
     assert all(gap >= PROGRESS_EVERY_S for gap in gaps), gaps
-    assert _progress_reporter({"id": "j"}, Settings(report_progress=False)) is None
+    assert progress_reporter({"id": "j"}, Settings(report_progress=False)) is None
 
 
 def in_flight(queue: JobQueue, moment: float) -> int:

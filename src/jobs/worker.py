@@ -26,15 +26,16 @@ from typing import Any, TypeVar
 
 from PIL import Image
 
-from src.control.controlnet import bound_to, load_controlnet
 from src.control.preprocess import DepthEstimator, load_control, no_depth_model
 from src.delivery.encoding import data_uri, encode_image
 from src.delivery.storage import Storage
 from src.inputs.pictures import Inputs, load_inputs
+from src.jobs import startup
+from src.jobs.progress import progress_reporter
+from src.jobs.startup import ServedModel
 from src.lora.adapters import LoraAdapters, PreparedLora
-from src.lora.files import LoraFiles
 from src.model.family import load_family
-from src.model.files import SearchRoots, missing_classifier_files, resolve_model
+from src.model.files import SearchRoots
 from src.model.inpaint import keeps_everything
 from src.model.modes import mode_of
 from src.model.pipeline import StepCallback, ZImageGenerator, pick_device, to_pil
@@ -51,8 +52,6 @@ from src.runtime.timing import Stopwatch
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# A job's progress updates are sent at most this often (and its last step always).
-PROGRESS_EVERY_S = 0.5
 # Runpod rejects results over 20 MB (/run: 10 MB); data URIs past that fail the job instead.
 MAX_RESULT_BYTES = 20_000_000
 TIMING_KEYS = (
@@ -66,14 +65,6 @@ TIMING_KEYS = (
     "encode_image",
     "upload",
 )
-
-
-@dataclass
-class ServedModel:
-    """One model of the family (src/request/models.py) as this worker serves it."""
-
-    generator: ZImageGenerator
-    loras: LoraAdapters
 
 
 @dataclass
@@ -111,64 +102,23 @@ class Worker:
 
     @classmethod
     def _load(cls, settings: Settings, roots: SearchRoots | None, gpu: GpuStage) -> Worker:
-        """Each part of the cold start in order, each timed and logged."""
+        """Each part of the cold start in order (src/jobs/startup.py), each timed and logged."""
         device, dtype = pick_device()
         clock = Stopwatch(device)
         roots = roots or SearchRoots(allow_download=settings.allow_download)
         pipes = load_family(settings, roots, dtype)
         clock.lap("load_weights")
-        first = next(iter(pipes))
-        controlnet, depth = None, None
-        if settings.control_enabled:
-            controlnet = load_controlnet(settings.controlnet_model, pipes[first].transformer, dtype, roots)
-            controlnet = controlnet.to(device)
-            if settings.depth_enabled:
-                depth_folder = resolve_model(
-                    settings.depth_model, missing_classifier_files, "DEPTH_MODEL", roots
-                )
-                depth = DepthEstimator.load(depth_folder, device, dtype)
-            clock.lap("load_control")
-        files = LoraFiles(
-            settings.lora_dirs, settings.lora_cache_path, settings.lora_cache_gb, settings.lora_max_mb
+        controlnet, depth = startup.load_control_models(
+            settings, pipes[next(iter(pipes))].transformer, device, dtype, roots
         )
-        # Before `accelerate`: a transformer about to be compiled gets its LoRA slots first.
-        compiled = settings.compile and device.type == "cuda"  # accelerate() compiles on CUDA only
-        models: dict[str, ServedModel] = {}
-        for name, pipe in pipes.items():
-            # One prompt cache for the models that share one text encoder.
-            shared_prompts = next(
-                (
-                    m.generator.prompts
-                    for m in models.values()
-                    if m.generator.text_encoder is pipe.text_encoder
-                ),
-                None,
-            )
-            pipe = pipe.to(device)
-            clock.lap("move_to_device")
-            # The ControlNet was trained on Turbo; another model gets a view of the same weights
-            # wired to its own transformer's embedders (src/control/controlnet.py).
-            control = (
-                controlnet if controlnet is None or name == first else bound_to(controlnet, pipe.transformer)
-            )
-            generator = ZImageGenerator(pipe, device, control, prompts=shared_prompts)
-            loras = LoraAdapters(generator.text_to_image, files, settings.lora_max_loaded, hotswap=compiled)
-            generator.accelerate(settings.acceleration, settings.compile)
-            models[name] = ServedModel(generator, loras)
-            clock.lap("accelerate")
-        safety = None
-        if settings.safety_enabled:
-            checker_folder = resolve_model(
-                settings.safety_checker_model, missing_classifier_files, "SAFETY_CHECKER_MODEL", roots
-            )
-            safety = SafetyChecker.load(checker_folder, settings.safety_threshold, device, dtype)
-        else:
-            log.warning("SAFETY_CHECKER_MODEL=none: images are returned without any content check")
+        if controlnet is not None:
+            clock.lap("load_control")
+        models = startup.serve_models(settings, pipes, controlnet, device, clock)  # its own laps
+        safety = startup.load_safety(settings, roots, device, dtype)
         clock.lap("load_safety_checker")
         storage = Storage(settings) if settings.storage_enabled else None
         clock.lap("connect_storage")
-        for served in models.values():
-            served.generator.warm_up(compiled=settings.compile, lora_slots=served.loras.slots)
+        startup.warm_up(settings, models)
         clock.lap("warm_up")
         parts = ", ".join(f"{name} {ms:.0f} ms" for name, ms in clock.timings.items())
         log.info("ready on %s (%s): %s", device, str(dtype).removeprefix("torch."), parts)
@@ -178,7 +128,7 @@ class Worker:
         """The SDK's handler: a job's output, or the one error shape; the worker serves on."""
         job_id = str(job.get("id", "local"))
         try:
-            return await self.run(job_id, job.get("input"), _progress_reporter(job, self.settings))
+            return await self.run(job_id, job.get("input"), progress_reporter(job, self.settings))
         except JobError as err:
             log.info("job %s failed: %s", job_id, err)
             return error_output(str(err))
@@ -360,27 +310,3 @@ class Worker:
                 "'jpeg' or 'webp', fewer images, or a smaller size."
             )
         return output
-
-
-def _progress_reporter(job: dict[str, Any], settings: Settings) -> StepCallback | None:
-    """Progress through the Runpod SDK, only where a platform receives it: the first step, then
-    at most one update every PROGRESS_EVERY_S, and the last step.
-
-    The SDK sends each update from a new thread with a new HTTP session; one per step would
-    take CPU from the GPU thread (8 of them per 0.2 s job on the tiny CPU model, BENCHMARKS.md).
-    """
-    if not settings.report_progress:
-        return None
-    from runpod.serverless import progress_update
-
-    last_sent = -PROGRESS_EVERY_S  # so the first step goes out at once
-
-    def report(step: int, total: int) -> None:
-        nonlocal last_sent
-        now = time.monotonic()
-        if step < total and now - last_sent < PROGRESS_EVERY_S:
-            return
-        last_sent = now
-        progress_update(job, {"stage": "denoise", "step": step, "steps": total})
-
-    return report

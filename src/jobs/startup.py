@@ -1,0 +1,108 @@
+"""The cold start, one function per part, each called in order and timed by `Worker.start`.
+
+Every part runs on the GPU thread (src/runtime/gpu.py), as every later torch op does.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from diffusers import ZImageControlNetModel, ZImagePipeline
+
+from src.control.controlnet import bound_to, load_controlnet
+from src.control.preprocess import DepthEstimator
+from src.lora.adapters import LoraAdapters
+from src.lora.files import LoraFiles
+from src.model.files import SearchRoots, missing_classifier_files, resolve_model
+from src.model.pipeline import ZImageGenerator
+from src.model.safety import SafetyChecker
+from src.runtime.settings import Settings
+from src.runtime.timing import Stopwatch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServedModel:
+    """One model of the family (src/request/models.py) as this worker serves it."""
+
+    generator: ZImageGenerator
+    loras: LoraAdapters
+
+
+def compiles(settings: Settings, device: torch.device) -> bool:
+    """Whether `accelerate` compiles the transformer (it does on CUDA only)."""
+    return settings.compile and device.type == "cuda"
+
+
+def load_control_models(
+    settings: Settings,
+    transformer: torch.nn.Module,
+    device: torch.device,
+    dtype: torch.dtype,
+    roots: SearchRoots,
+) -> tuple[ZImageControlNetModel | None, DepthEstimator | None]:
+    """The ControlNet, built on the first model's transformer, and the depth model beside it."""
+    if not settings.control_enabled:
+        return None, None
+    controlnet = load_controlnet(settings.controlnet_model, transformer, dtype, roots).to(device)
+    depth = None
+    if settings.depth_enabled:
+        folder = resolve_model(settings.depth_model, missing_classifier_files, "DEPTH_MODEL", roots)
+        depth = DepthEstimator.load(folder, device, dtype)
+    return controlnet, depth
+
+
+def serve_models(
+    settings: Settings,
+    pipes: dict[str, ZImagePipeline],
+    controlnet: ZImageControlNetModel | None,
+    device: torch.device,
+    clock: Stopwatch,
+) -> dict[str, ServedModel]:
+    """Each loaded pipeline on the device, with its mode views, LoRA adapters and speed-ups."""
+    files = LoraFiles(
+        settings.lora_dirs, settings.lora_cache_path, settings.lora_cache_gb, settings.lora_max_mb
+    )
+    first = next(iter(pipes))
+    models: dict[str, ServedModel] = {}
+    for name, pipe in pipes.items():
+        # One prompt cache for the models that share one text encoder.
+        shared_prompts = next(
+            (m.generator.prompts for m in models.values() if m.generator.text_encoder is pipe.text_encoder),
+            None,
+        )
+        pipe = pipe.to(device)
+        clock.lap("move_to_device")
+        # The ControlNet was trained on Turbo; another model gets a view of the same weights
+        # wired to its own transformer's embedders (src/control/controlnet.py).
+        control = (
+            controlnet if controlnet is None or name == first else bound_to(controlnet, pipe.transformer)
+        )
+        generator = ZImageGenerator(pipe, device, control, prompts=shared_prompts)
+        # Before `accelerate`: a transformer about to be compiled gets its LoRA slots first.
+        hotswap = compiles(settings, device)
+        loras = LoraAdapters(generator.text_to_image, files, settings.lora_max_loaded, hotswap=hotswap)
+        generator.accelerate(settings.acceleration, settings.compile)
+        models[name] = ServedModel(generator, loras)
+        clock.lap("accelerate")
+    return models
+
+
+def load_safety(
+    settings: Settings, roots: SearchRoots, device: torch.device, dtype: torch.dtype
+) -> SafetyChecker | None:
+    if not settings.safety_enabled:
+        log.warning("SAFETY_CHECKER_MODEL=none: images are returned without any content check")
+        return None
+    folder = resolve_model(
+        settings.safety_checker_model, missing_classifier_files, "SAFETY_CHECKER_MODEL", roots
+    )
+    return SafetyChecker.load(folder, settings.safety_threshold, device, dtype)
+
+
+def warm_up(settings: Settings, models: dict[str, ServedModel]) -> None:
+    for served in models.values():
+        served.generator.warm_up(compiled=settings.compile, lora_slots=served.loras.slots)
