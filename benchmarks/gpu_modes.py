@@ -119,7 +119,7 @@ def random_controlnet(worker: Worker) -> dict[str, Any]:
     worker.models["z-image-turbo"].generator = ZImageGenerator(
         generator.text_to_image, generator.device, controlnet
     )
-    worker.generator.accelerate(worker.settings.acceleration, compile_blocks=False)
+    worker.generator.accelerate(worker.settings.precision, compile_blocks=False)
     return {"controlnet": "2.1, random", "params": params, "build_s": round(built_s, 1)}
 
 
@@ -144,7 +144,7 @@ def random_base(worker: Worker) -> dict[str, Any]:
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
     base = ZImagePipeline(**{**pipe.components, "transformer": transformer, "scheduler": scheduler})
     generator = ZImageGenerator(base, device, prompts=turbo.generator.prompts)
-    generator.accelerate(worker.settings.acceleration, compile_blocks=False)
+    generator.accelerate(worker.settings.precision, compile_blocks=False)
     loras = LoraAdapters(base, turbo.loras.files, worker.settings.lora_max_loaded)
     worker.models[BASE] = ServedModel(generator, loras)
     params = sum(p.numel() for p in transformer.parameters())

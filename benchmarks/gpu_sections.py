@@ -300,7 +300,7 @@ def accelerated(variant: str, **options: Any) -> None:
 
 
 def fp8() -> None:
-    accelerated("fp8", acceleration="fp8")
+    accelerated("fp8", precision="fp8")
 
 
 def compile_blocks() -> None:

@@ -49,7 +49,7 @@ ALSO = {
     "botocore": "1.44.8",
     "s3transfer": "0.19.3",
     "jmespath": "1.1.0",
-    # ZIMAGE_ACCELERATION=fp8. 0.18 is the first release whose C++ parts target torch 2.11.
+    # ZIMAGE_PRECISION=fp8. 0.18 is the first release whose C++ parts target torch 2.11.
     "torchao": "0.18.0",
 }
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_26_x86_64",

@@ -266,7 +266,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="*", default=list(PRESET_SIZES))
     parser.add_argument("--model", help="an existing model folder (default: build one)")
     parser.add_argument("--compile", action="store_true", help="also measure ZIMAGE_COMPILE=1 (GPU)")
-    parser.add_argument("--fp8", action="store_true", help="also measure ZIMAGE_ACCELERATION=fp8 (GPU)")
+    parser.add_argument("--fp8", action="store_true", help="also measure ZIMAGE_PRECISION=fp8 (GPU)")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     args = parser.parse_args()
 
@@ -295,7 +295,7 @@ def main() -> None:
 
     for flag, settings in (
         (args.compile, Settings(model=str(model), safety_checker_model="none", compile=True)),
-        (args.fp8, Settings(model=str(model), safety_checker_model="none", acceleration="fp8")),
+        (args.fp8, Settings(model=str(model), safety_checker_model="none", precision="fp8")),
     ):
         if flag:
             variant = Worker.start(settings)
@@ -332,7 +332,7 @@ def main() -> None:
             "None here: this run had no GPU, and no GPU figure is written that was not measured. On a",
             "GPU the same command builds the full-size architecture (random bf16 weights, the real",
             "model's speed) and fills these tables for it; the targets for one 1024x1024 job inside",
-            "the handler on one H100 are 0.70 s (bf16) and 0.45 s (`--fp8`, `ZIMAGE_ACCELERATION=fp8`);",
+            "the handler on one H100 are 0.70 s (bf16) and 0.45 s (`--fp8`, `ZIMAGE_PRECISION=fp8`);",
             "add `--compile` to measure regional torch.compile.",
             "",
             "Other measured costs: the safety checker in `benchmarks/results/safety_cost.md`",

@@ -28,6 +28,7 @@ def test_defaults():
     assert settings.lora_dirs == ("/runpod-volume/loras", "/loras")
     assert settings.lora_cache_dir is None
     assert (settings.lora_cache_gb, settings.lora_max_mb, settings.lora_max_loaded) == (20.0, 1024, 6)
+    assert settings.precision == "bf16"
 
 
 def test_every_variable_is_read():
@@ -47,6 +48,7 @@ def test_every_variable_is_read():
             "LORA_CACHE_GB": "2.5",
             "LORA_MAX_MB": "300",
             "LORA_MAX_LOADED": "2",
+            "ZIMAGE_PRECISION": "FP8",
             **BUCKET,
         }
     )
@@ -60,6 +62,25 @@ def test_every_variable_is_read():
     assert settings.lora_dirs == ("/data/loras", "/more/loras")
     assert str(settings.lora_cache_path) == "/data/lora-cache"
     assert (settings.lora_cache_gb, settings.lora_max_mb, settings.lora_max_loaded) == (2.5, 300, 2)
+    assert settings.precision == "fp8"
+
+
+@pytest.mark.parametrize(
+    ("env", "precision", "warned"),
+    [
+        ({"ZIMAGE_ACCELERATION": "fp8"}, "fp8", True),
+        ({"ZIMAGE_ACCELERATION": "none"}, "bf16", True),
+        ({"ZIMAGE_PRECISION": "bf16", "ZIMAGE_ACCELERATION": "fp8"}, "bf16", False),  # the new name wins
+        ({"ZIMAGE_PRECISION": "fp8"}, "fp8", False),
+    ],
+)
+def test_the_old_precision_name_still_works_with_a_warning(env, precision, warned, caplog):
+    caplog.set_level("WARNING", logger="src.runtime.settings")
+    assert Settings.from_env(env).precision == precision
+    warnings = [r.getMessage() for r in caplog.records if "ZIMAGE_ACCELERATION" in r.getMessage()]
+    assert bool(warnings) == warned
+    if warned:
+        assert f"ZIMAGE_PRECISION={precision}" in warnings[0]
 
 
 def test_the_lora_cache_is_on_the_volume_only_when_one_is_mounted(tmp_path, monkeypatch):
@@ -84,6 +105,8 @@ def test_blank_values_mean_default():
         ({"BUCKET_NAME": "Bad_Name!"}, "BUCKET_NAME"),
         ({"BUCKET_ADDRESSING_STYLE": "dns"}, "BUCKET_ADDRESSING_STYLE"),
         ({"ZIMAGE_ACCELERATION": "int4"}, "ZIMAGE_ACCELERATION"),
+        ({"ZIMAGE_PRECISION": "int4"}, "ZIMAGE_PRECISION"),
+        ({"ZIMAGE_PRECISION": "none"}, "ZIMAGE_PRECISION"),
         ({"MAX_CONCURRENCY": "0"}, "MAX_CONCURRENCY"),
         ({"MAX_CONCURRENCY": "9"}, "MAX_CONCURRENCY"),
         ({"MAX_CONCURRENCY": "2.5"}, "MAX_CONCURRENCY"),

@@ -85,7 +85,7 @@ def serve_models(
         # Before `accelerate`: a transformer about to be compiled gets its LoRA slots first.
         hotswap = compiles(settings, device)
         loras = LoraAdapters(generator.text_to_image, files, settings.lora_max_loaded, hotswap=hotswap)
-        generator.accelerate(settings.acceleration, settings.compile)
+        generator.accelerate(settings.precision, settings.compile)
         models[name] = ServedModel(generator, loras)
         clock.lap("accelerate")
     return models

@@ -117,13 +117,11 @@ class ZImageGenerator:
     def text_encoder(self) -> torch.nn.Module:
         return self.text_to_image.text_encoder
 
-    def accelerate(self, acceleration: str, compile_blocks: bool) -> None:
+    def accelerate(self, precision: str, compile_blocks: bool) -> None:
         """GPU-only speed-ups; each one that cannot be had is logged and skipped, never fatal."""
         if self.device.type != "cuda":
-            if acceleration != "none" or compile_blocks:
-                log.warning(
-                    "ZIMAGE_ACCELERATION/ZIMAGE_COMPILE need a CUDA GPU; running plain %s", self.device
-                )
+            if precision != "bf16" or compile_blocks:
+                log.warning("ZIMAGE_PRECISION=fp8 and ZIMAGE_COMPILE need CUDA; plain %s", self.device)
             return
         transformer = self.text_to_image.transformer
         backend = fastest_attention(transformer)
@@ -134,7 +132,7 @@ class ZImageGenerator:
             if backend is not None:
                 self.controlnet.set_attention_backend(backend)
             log.info("ControlNet attention backend: %s", backend or "diffusers' default")
-        if acceleration == "fp8":
+        if precision == "fp8":
             _float8_matmuls(transformer, "transformer")
             if self.controlnet is not None:
                 # Its embedders and refiners are the transformer's (from_transformer): quantized once.
@@ -270,7 +268,7 @@ _FLOAT8_DONE: set[int] = set()
 
 
 def _float8_matmuls(module: torch.nn.Module, what: str, skip: torch.nn.Module | None = None) -> None:
-    """ZIMAGE_ACCELERATION=fp8: torchao's dynamic float8 activations and weights for the linears.
+    """ZIMAGE_PRECISION=fp8: torchao's dynamic float8 activations and weights for the linears.
 
     Needs torchao and a GPU with float8 tensor cores (Ada, Hopper or newer); without them
     the worker logs why and keeps bf16, so a setting never stops a working deployment.

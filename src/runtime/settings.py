@@ -6,6 +6,7 @@ A bad value raises `SettingsError` naming the variable; the worker stops at star
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Mapping
@@ -16,6 +17,9 @@ from urllib.parse import urlparse
 # Each job in flight holds its input and output images in host memory; past a handful the
 # GPU gains nothing (it runs one job at a time) and a job waits longer behind the others.
 MAX_CONCURRENCY = 8
+PRECISIONS = ("bf16", "fp8")
+
+log = logging.getLogger(__name__)
 
 
 class SettingsError(ValueError):
@@ -52,8 +56,8 @@ class Settings:
     report_progress: bool = False
     # Regional torch.compile of the repeated transformer block, warmed up at start (CUDA only).
     compile: bool = False
-    # "fp8" turns on float8 matmuls on GPUs that have them; "none" keeps bf16.
-    acceleration: str = "none"
+    # ZIMAGE_PRECISION: "fp8" turns on float8 matmuls on GPUs that have them; "bf16" keeps bf16.
+    precision: str = "bf16"
     # "1"/"true": a repo id missing from every local place is downloaded at start (needs HF_HUB_OFFLINE=0).
     allow_download: bool = False
     # Z-Image-Turbo Fun ControlNet Union: a diffusers folder, a folder or file holding alibaba-pai's
@@ -140,10 +144,6 @@ class Settings:
                 f"BUCKET_ADDRESSING_STYLE: {addressing!r} is not allowed: use 'auto', 'path' or 'virtual'"
             )
 
-        acceleration = text("ZIMAGE_ACCELERATION", cls.acceleration).lower()
-        if acceleration not in ("none", "fp8"):
-            raise SettingsError(f"ZIMAGE_ACCELERATION: {acceleration!r} is not allowed: use 'none' or 'fp8'")
-
         lora_dirs = tuple(part.strip() for part in text("LORA_DIRS", "").split(":") if part.strip())
         if any(not Path(folder).is_absolute() for folder in lora_dirs):
             raise SettingsError(
@@ -178,7 +178,7 @@ class Settings:
             base_price_per_image_usd=_number(
                 env, "BASE_PRICE_PER_IMAGE_USD", cls.base_price_per_image_usd, 0.0, 1000.0
             ),
-            acceleration=acceleration,
+            precision=_precision(env),
             report_progress=bool(text("RUNPOD_WEBHOOK_POST_OUTPUT", None)),
             allow_download=_flag(env, "ZIMAGE_ALLOW_DOWNLOAD", cls.allow_download),
             compile=_flag(env, "ZIMAGE_COMPILE", cls.compile),
@@ -189,6 +189,30 @@ class Settings:
             lora_max_mb=_integer(env, "LORA_MAX_MB", cls.lora_max_mb, 1, 8192),
             lora_max_loaded=_integer(env, "LORA_MAX_LOADED", cls.lora_max_loaded, 1, 64),
         )
+
+
+def _precision(env: Mapping[str, str]) -> str:
+    """ZIMAGE_PRECISION, or the older ZIMAGE_ACCELERATION (none/fp8), which now names the per-request
+    step caches (`acceleration`); it still works, with a warning. The new name wins when both are set."""
+    value = env.get("ZIMAGE_PRECISION", "").strip().lower()
+    if value:
+        if value not in PRECISIONS:
+            raise SettingsError(f"ZIMAGE_PRECISION: {value!r} is not allowed: use 'bf16' or 'fp8'")
+        return value
+    old = env.get("ZIMAGE_ACCELERATION", "").strip().lower()
+    if not old:
+        return Settings.precision
+    if old not in ("none", "fp8"):
+        raise SettingsError(
+            f"ZIMAGE_ACCELERATION: {old!r} is not allowed: use ZIMAGE_PRECISION=bf16 or ZIMAGE_PRECISION=fp8"
+        )
+    precision = "bf16" if old == "none" else "fp8"
+    log.warning(
+        "ZIMAGE_ACCELERATION is the old name of ZIMAGE_PRECISION: set ZIMAGE_PRECISION=%s instead "
+        "(per-request speed levels are the job's `acceleration` field)",
+        precision,
+    )
+    return precision
 
 
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
