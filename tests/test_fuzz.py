@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from src.request.models import MODELS
-from src.request.schema import FIELDS, MAX_SEED, GenerateRequest, parse_request
+from src.request.schema import ACCELERATION_LEVELS, FIELDS, MAX_SEED, GenerateRequest, parse_request
 from src.runtime.errors import JobError
 from tests.conftest import data_uri_of, png_bytes
 from tests.test_bad_input import assert_ssrf_protection_on
@@ -109,6 +109,7 @@ near_rules = {
     "control_preprocess": st.sampled_from(["none", "canny", "depth", "hed", "", "CANNY", None]),
     "control_scale": st.floats(-0.5, 2.5) | st.sampled_from([0, 2, "1", True, math.nan]),
     "model": st.sampled_from(["z-image-turbo", "z-image", "Z-Image", "", "flux", None, 1, ["z-image"]]),
+    "acceleration": st.sampled_from(["none", "regular", "high", "HIGH", "fast", "", None, 2, ["high"]]),
 }
 field_values = st.sampled_from(list(FIELDS)).flatmap(
     lambda name: st.tuples(st.just(name), near_rules[name] | json_values)
@@ -156,6 +157,7 @@ def assert_sound(request: GenerateRequest) -> None:
     assert math.isfinite(request.guidance_scale) and 0.0 <= request.guidance_scale <= 20.0
     assert request.image is not None or "strength" not in request.model_fields_set
     assert request.image is not None or request.mask is None
+    assert request.acceleration in ACCELERATION_LEVELS
 
 
 # ----------------------------------------------------------------- the request model

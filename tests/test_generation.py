@@ -67,8 +67,10 @@ def test_text_to_image_response_shape(worker):
         "has_nsfw_concepts",
         "timings",
         "model",
+        "acceleration",
     }
     assert output["seed"] == 7 and output["cost"] == 0.005 and output["model"] == "z-image-turbo"
+    assert output["acceleration"] == "none"
     assert (output["width"], output["height"], output["output_format"]) == (1024, 1024, "png")
     assert output["has_nsfw_concepts"] == [False]
     assert set(output["timings"]) == {*TIMING_KEYS, "total"}

@@ -335,7 +335,9 @@ def test_hub_tests_cover_every_mode_with_timeouts():
     # The Hub's test worker runs the Hub defaults, CONTROLNET_MODEL=none among them: the control modes
     # are refused there (tests/test_control.py covers them on tiny ControlNets).
     assert Settings().controlnet_model == "none"
-    assert modes == [mode.name for mode in MODES.values() if not mode.control]
+    assert list(dict.fromkeys(modes)) == [mode.name for mode in MODES.values() if not mode.control]
+    # And one job at a faster acceleration level, which the Hub's GPU then runs for real.
+    assert {parse_request(test["input"]).acceleration for test in tests} >= {"none", "high"}
     for test in tests:
         assert isinstance(test["timeout"], int) and 60_000 <= test["timeout"] <= 900_000
 

@@ -15,6 +15,7 @@ from src.control.controlnet import bound_to, load_controlnet
 from src.control.preprocess import DepthEstimator
 from src.lora.adapters import LoraAdapters
 from src.lora.files import LoraFiles
+from src.model.acceleration import COMPILED_NOTE
 from src.model.files import SearchRoots, missing_classifier_files, resolve_model
 from src.model.pipeline import ZImageGenerator
 from src.model.safety import SafetyChecker
@@ -86,6 +87,8 @@ def serve_models(
         hotswap = compiles(settings, device)
         loras = LoraAdapters(generator.text_to_image, files, settings.lora_max_loaded, hotswap=hotswap)
         generator.accelerate(settings.precision, settings.compile)
+        if generator.compiled:
+            log.warning("%s, ZIMAGE_COMPILE=1: %s", name, COMPILED_NOTE)
         models[name] = ServedModel(generator, loras)
         clock.lap("accelerate")
     return models

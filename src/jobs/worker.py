@@ -34,6 +34,7 @@ from src.jobs import startup
 from src.jobs.progress import progress_reporter
 from src.jobs.startup import ServedModel
 from src.lora.adapters import LoraAdapters, PreparedLora
+from src.model import acceleration
 from src.model.family import load_family
 from src.model.files import SearchRoots
 from src.model.inpaint import keeps_everything
@@ -165,7 +166,7 @@ class Worker:
         served = self._served(request)
         seed = request.seed if request.seed >= 0 else secrets.randbelow(MAX_SEED + 1)
         log.info(
-            "job %s: %s, %s, prompt %d chars sha256 %s, %s x%d, %d steps, seed %d",
+            "job %s: %s, %s, prompt %d chars sha256 %s, %s x%d, %d steps, acceleration %s, seed %d",
             job_id,
             request.model,
             mode_of(request).name,
@@ -174,6 +175,7 @@ class Worker:
             request.size,
             request.num_images,
             request.num_inference_steps,
+            request.acceleration,
             seed,
         )
 
@@ -260,7 +262,9 @@ class Worker:
                 f"model: {request.model!r} is not served by this worker (started without "
                 f"{card.weights_setting}): it serves {', '.join(repr(name) for name in self.models)}"
             )
-        refusal = served.generator.refusals.get(mode_of(request).name)
+        refusal = served.generator.refusals.get(mode_of(request).name) or acceleration.refusal(
+            request.acceleration, served.generator.compiled
+        )
         if refusal is not None:
             raise JobError(refusal)
         if request.control_preprocess == "depth" and self.depth is None:
@@ -295,6 +299,7 @@ class Worker:
             seed=seeds[0],
             cost=job_cost(getattr(self.settings, MODELS[request.model].price_field), len(kept)),
             model=request.model,
+            acceleration=request.acceleration,
             width=request.width,
             height=request.height,
             output_format=request.output_format,

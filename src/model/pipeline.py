@@ -19,6 +19,7 @@ from PIL import Image
 from safetensors import SafetensorError
 
 from src.inputs.pictures import Inputs
+from src.model.acceleration import LEVELS, step_cache, steps_run
 from src.model.files import ModelNotFound, load_failure
 from src.model.modes import MODES, mode_of
 from src.model.pixels import to_bytes
@@ -148,6 +149,11 @@ class ZImageGenerator:
             transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
             log.info("regional torch.compile on %s blocks", transformer._repeated_blocks)
 
+    @property
+    def compiled(self) -> bool:
+        """Whether the transformer's repeated blocks are compiled (ZIMAGE_COMPILE=1 on CUDA)."""
+        return getattr(self.text_to_image.transformer.layers[0], "_compiled_call_impl", None) is not None
+
     def warm_up(self, compiled: bool = False, lora_slots: HotswapSlots | None = None) -> None:
         """Small jobs before the first real one, so lazy CUDA set-up is not billed to a caller.
 
@@ -217,7 +223,12 @@ class ZImageGenerator:
             output_type="latent",
             callback_on_step_end=step_end,
         )
-        latents = pipe(**kwargs, **mode.arguments(inputs, request)).images
+        # The request's acceleration level, on this pipeline call only (src/model/acceleration.py).
+        extra = mode.arguments(inputs, request)
+        schedule = LEVELS[request.model][request.acceleration]
+        steps = steps_run(request.num_inference_steps, extra.get("strength"))
+        with step_cache(schedule, steps, pipe.transformer, getattr(pipe, "controlnet", None)):
+            latents = pipe(**kwargs, **extra).images
         clock.lap("denoise")
 
         # 3. Decode, denormalise to [0, 1]; the images stay on the device.

@@ -27,6 +27,8 @@ from src.runtime.errors import JobError
 
 MAX_PROMPT_CHARS = 4000
 MAX_SEED = 2**32 - 1
+# The `acceleration` levels: none is the plain pipeline; the others reuse work between steps.
+ACCELERATION_LEVELS = ("none", "regular", "high")
 MIN_SIDE, MAX_SIDE, SIDE_STEP = 256, 2048, 16
 PRESET_SIZES = (
     "512*512",
@@ -163,6 +165,11 @@ class GenerateRequest(BaseModel):
 
     model: Literal[tuple(MODELS)] = Field(  # type: ignore[valid-type]
         default=DEFAULT_MODEL, description="one of " + ", ".join(MODELS)
+    )
+    # How much transformer work is reused between steps; what each level does per model is
+    # src/model/acceleration.py's table.
+    acceleration: Literal[ACCELERATION_LEVELS] = Field(  # type: ignore[valid-type]
+        default="none", description="one of " + ", ".join(ACCELERATION_LEVELS)
     )
 
     @model_validator(mode="before")

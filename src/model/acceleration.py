@@ -1,0 +1,128 @@
+"""Acceleration levels (`acceleration`): diffusers' TaylorSeer step cache, set for one job at a time.
+
+On a forecast step the transformer's blocks do not run: the output layer's result is forecast
+from the last two computed steps (a first-order Taylor expansion in the step index; diffusers'
+`TaylorSeerCacheConfig` in its "lite" form, where the blocks return nothing and only the output
+layer's last values are kept, a few MB). The first steps are always computed (the forecast needs
+a history, and they set the composition), then one step in `interval`, and the last steps (they set
+the fine detail). `none` adds no hook at all: the pipeline as it is.
+
+Why TaylorSeer: diffusers 0.42.1's other step caches (FirstBlockCache, MagCache, SeaCache) find
+Z-Image's blocks but read each block's input by the name `hidden_states`, and Z-Image's block calls
+it `x`, so all three fail on the first step; TaylorSeer hooks modules by name and needs no more.
+(ZImageTransformer2DModel is not a CacheMixin in 0.42.1 either: hence apply_taylorseer_cache.)
+
+Each job applies its level on the GPU thread, and the hooks are removed when its denoising ends,
+so no state crosses jobs: a `none` job after a `high` one runs the plain modules again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from diffusers.hooks import HookRegistry, TaylorSeerCacheConfig, apply_taylorseer_cache
+from diffusers.models.cache_utils import CacheMixin
+
+
+@dataclass(frozen=True)
+class StepSchedule:
+    warm_up: int  # the first steps, always computed
+    interval: int  # after them, one step in `interval` is computed and the others forecast
+    cool_down: int  # the last steps, always computed
+
+
+# Per model, per level (each of schema.ACCELERATION_LEVELS; tests/test_acceleration.py checks).
+# Chosen by measurement on the tiny models (BENCHMARKS.md, "Acceleration levels"), starting from
+# cache-dit's Z-Image settings (4 warm-up steps, at most 3 cached in a row): Turbo's 8 steps leave
+# little to skip, so its warm-up is short and only the last step is kept; the base's 50 guided
+# steps keep 4-5 of warm-up and 2 at the end.
+LEVELS: dict[str, dict[str, StepSchedule | None]] = {
+    "z-image-turbo": {"none": None, "regular": StepSchedule(3, 2, 1), "high": StepSchedule(2, 3, 1)},
+    "z-image": {"none": None, "regular": StepSchedule(5, 2, 2), "high": StepSchedule(4, 3, 2)},
+}
+
+# Forecast: the output layer. Skipped on forecast steps: the main blocks, and the noise refiner
+# unless a ControlNet calls it too (it shares the transformer's refiners: a hook there would count
+# two calls a step). A ControlNet's own blocks are skipped too: their hints go only into the
+# skipped blocks.
+FORECAST = r"^all_final_layer\.[^.]+$"
+SKIPPED = r"^layers\.\d+$"
+SKIPPED_WITHOUT_CONTROL = r"^noise_refiner\.\d+$"
+SKIPPED_IN_CONTROLNET = r"^control_(layers|noise_refiner)\.\d+$"
+# diffusers.hooks.taylorseer_cache._TAYLORSEER_CACHE_HOOK: the name its hooks are registered under.
+HOOK = "taylorseer_cache"
+# A compiled block would be traced through the hooks, whose per-step state changes its guards:
+# recompiles in every job. So a compiled worker refuses the levels that add hooks.
+COMPILED_NOTE = (
+    "acceleration levels 'regular' and 'high' are refused on this worker: its transformer blocks are "
+    "compiled, and the step-cache hooks would make them recompile in every job"
+)
+
+
+def refusal(level: str, compiled: bool) -> str | None:
+    """Why this worker cannot run a level, as the job's error; None when it can."""
+    if level == "none" or not compiled:
+        return None
+    return (
+        f"acceleration: {level!r} is not available on this worker: it runs a compiled transformer "
+        "(ZIMAGE_COMPILE=1), on which the step caches would recompile every job; send 'none' or leave "
+        "'acceleration' out, or use a worker without ZIMAGE_COMPILE"
+    )
+
+
+def steps_run(num_inference_steps: int, strength: float | None) -> int:
+    """How many steps the pipeline runs: all of them, or the last `strength` of them from an image
+    (diffusers' get_timesteps in the Z-Image image-to-image and inpainting pipelines)."""
+    if strength is None:
+        return num_inference_steps
+    start = int(max(num_inference_steps - min(num_inference_steps * strength, num_inference_steps), 0))
+    return num_inference_steps - start
+
+
+def config_for(schedule: StepSchedule, steps: int, patterns: list[str]) -> TaylorSeerCacheConfig:
+    return TaylorSeerCacheConfig(
+        cache_interval=schedule.interval,
+        disable_cache_before_step=schedule.warm_up,
+        disable_cache_after_step=max(steps - schedule.cool_down, schedule.warm_up),
+        max_order=1,
+        taylor_factors_dtype=torch.float32,  # the output layer's values only: small, and kept exact
+        cache_identifiers=[FORECAST],
+        skip_predict_identifiers=patterns,
+    )
+
+
+@contextmanager
+def step_cache(
+    schedule: StepSchedule | None,
+    steps: int,
+    transformer: torch.nn.Module,
+    controlnet: torch.nn.Module | None = None,
+) -> Iterator[None]:
+    """The level's hooks on the transformer (and ControlNet) for one pipeline call, then none."""
+    if schedule is None:
+        yield
+        return
+    skipped = [SKIPPED] if controlnet is not None else [SKIPPED, SKIPPED_WITHOUT_CONTROL]
+    hooked = [(transformer, config_for(schedule, steps, skipped))]
+    if controlnet is not None:
+        config = config_for(schedule, steps, [SKIPPED_IN_CONTROLNET])
+        hooked.append((controlnet, config))
+    try:
+        for module, config in hooked:
+            apply_taylorseer_cache(module, config)
+            # New hooks stale the registry's list of child registries, which the context reaches.
+            HookRegistry.check_if_exists_or_initialize(module).invalidate_child_registries_cache()
+        with CacheMixin.cache_context(transformer, "job"):
+            if controlnet is None:
+                yield
+            else:
+                with CacheMixin.cache_context(controlnet, "job"):
+                    yield
+    finally:
+        for module, _ in hooked:
+            registry = HookRegistry.check_if_exists_or_initialize(module)
+            registry.remove_hook(HOOK, recurse=True)
+            registry.invalidate_child_registries_cache()
