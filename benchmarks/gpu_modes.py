@@ -155,7 +155,26 @@ def newer_modes(image: str, width: int, height: int) -> list[Mode]:
     """Each mode added after text-to-image, in the order the modes section runs them."""
     missing = "not in this version: the request model has no `{}` field"
     base_card = MODELS.get(BASE)
+    # The base's defaults, written out: 50 steps, guidance 4, and a negative prompt (a real one
+    # costs the same as none: both are one more batch row).
+    base_job = {"model": BASE, "negative_prompt": "blurry, low quality"} | (
+        {"num_inference_steps": base_card.default_steps, "guidance_scale": base_card.default_guidance}
+        if base_card
+        else {}
+    )
+    no_base = None if has_field("model") and base_card else missing.format("model")
+    no_acceleration = None if has_field("acceleration") else missing.format("acceleration")
     return [
+        Mode(
+            # Turbo's defaults (8 steps) with the step cache (src/model/acceleration.py). First, on
+            # the worker as the text_to_image row ran (no LoRA loaded yet, no ControlNet), so their
+            # denoise_ms compares with that row's.
+            "acceleration regular",
+            {"acceleration": "regular"},
+            no_acceleration,
+            runs=3,
+        ),
+        Mode("acceleration high", {"acceleration": "high"}, no_acceleration, runs=3),
         Mode(
             "inpainting",
             {"image": image, "mask": centre_mask(width, height), "strength": 1.0},
@@ -174,18 +193,20 @@ def newer_modes(image: str, width: int, height: int) -> list[Mode]:
             random_controlnet,
         ),
         Mode(
-            # Last: the slowest row (2 x 50 transformer passes an image), so a box cut leaves the rest.
-            # Its defaults, written out: 50 steps, guidance 4, and a negative prompt (a real one
-            # costs the same as none: both are one more batch row).
+            # Near the end: the slowest rows (2 x 50 transformer passes an image), so a box cut
+            # leaves the rest.
             "base model",
-            {"model": BASE, "negative_prompt": "blurry, low quality"}
-            | (
-                {"num_inference_steps": base_card.default_steps, "guidance_scale": base_card.default_guidance}
-                if base_card
-                else {}
-            ),  # fmt: skip
-            None if has_field("model") and base_card else missing.format("model"),
+            base_job,
+            no_base,
             random_base,
             runs=2,
+        ),
+        Mode(
+            # On the base that "base model" built (so after it, and no prepare of its own): compare
+            # its denoise_ms with that row's.
+            "base acceleration high",
+            {**base_job, "acceleration": "high"},
+            no_base or no_acceleration,
+            runs=1,
         ),
     ]

@@ -42,3 +42,26 @@ def test_the_job_loop_benchmark_runs_and_writes_its_table(tmp_path):
     assert 0 < row["gpu_busy_pct"] <= 100 and row["jobs_per_s"] > 0
     assert row["vs_bare"] == round(row["jobs_per_s"] / yardstick["jobs_per_s"], 2)
     assert "| this worker's | 512*512 | 2 | data URI | 3 |" in out.read_text()
+
+
+def test_the_acceleration_benchmark_runs_and_writes_a_row_per_model_and_level(tmp_path):
+    from src.model.acceleration import LEVELS
+
+    out = tmp_path / "acceleration.md"
+    command = ["benchmarks/acceleration.py", "--size", "512*512", "--runs", "1", "--turbo-steps", "4"]
+    done = subprocess.run(
+        [sys.executable, *command, "--base-steps", "4", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| z-image")]
+    assert [(row[0].removeprefix("| "), row[2]) for row in rows] == [
+        (model, level) for model, levels in LEVELS.items() for level in levels
+    ]
+    # `none` is the reference: its own image, and its own time.
+    for row in rows:
+        if row[2] == "none":
+            assert row[6:8] == ["1.0", "-"] and row[-1] == "identical |", row

@@ -118,6 +118,10 @@ def test_sections_measure_what_they_name(tiny_run):
     base = by[("modes", "base model")]
     assert base["total_ms"] > base["denoise_ms"] > by[("modes", "text_to_image")]["denoise_ms"], base
     assert base["transformer"] == "random, Turbo's config" and base["params"] > 0
+    # The step cache's levels, on Turbo and on the base that row built (skipped rows have no times).
+    for mode in ("acceleration regular", "acceleration high", "base acceleration high"):
+        row = by[("modes", mode)]
+        assert "skipped" not in row and "error" not in row and row["denoise_ms"] > 0, row
     loop = [row for row in rows if row["section"] == "job_loop"]
     assert loop and ("skipped" in loop[0]) == (not (ROOT / "benchmarks" / "job_loop.py").exists())
 
