@@ -122,7 +122,7 @@ class ZImageGenerator:
         """GPU-only speed-ups; each one that cannot be had is logged and skipped, never fatal."""
         if self.device.type != "cuda":
             if precision != "bf16" or compile_blocks:
-                log.warning("ZIMAGE_PRECISION=fp8 and ZIMAGE_COMPILE need CUDA; plain %s", self.device)
+                log.warning("ZIMAGE_PRECISION=fp8, ZIMAGE_COMPILE need a CUDA GPU; plain %s", self.device)
             return
         transformer = self.text_to_image.transformer
         backend = fastest_attention(transformer)
