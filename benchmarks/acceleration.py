@@ -38,7 +38,7 @@ from PIL import Image  # noqa: E402
 
 from builder.tiny_model import build_tiny_base, build_tiny_zimage  # noqa: E402
 from src.jobs.worker import Worker  # noqa: E402
-from src.model.acceleration import LEVELS, StepSchedule  # noqa: E402
+from src.model.acceleration import LEVELS, steps_computed  # noqa: E402
 from src.runtime.settings import Settings  # noqa: E402
 
 PROMPT = "a harbour at dawn"
@@ -47,18 +47,6 @@ NEGATIVE = "blurry, low quality"
 # TARGET_MIN_STEPS steps up (fewer steps leave too few to skip).
 TARGETS = {"regular": 0.85, "high": 0.6}
 TARGET_MIN_STEPS = 30
-
-
-def blocks_run(schedule: StepSchedule | None, steps: int) -> int:
-    """Steps on which the transformer blocks run: diffusers 0.42.1's TaylorSeer rule
-    (TaylorSeerState._measure_should_compute) on the config src/model/acceleration.py builds."""
-    if schedule is None:
-        return steps
-    after = max(steps - schedule.cool_down, schedule.warm_up)
-    return sum(
-        i < schedule.warm_up or (i - schedule.warm_up - 1) % schedule.interval == 0 or i >= after
-        for i in range(steps)
-    )
 
 
 def pixels(output: dict[str, Any]) -> np.ndarray:
@@ -116,7 +104,7 @@ def rows_for(model: str, steps: int, found: dict[str, dict[str, list]]) -> list[
                 "schedule (warm_up/interval/cool_down)": (
                     "-" if schedule is None else "/".join(str(n) for n in astuple(schedule))
                 ),
-                "blocks run": f"{blocks_run(schedule, steps)} of {steps}",
+                "blocks run": f"{steps_computed(schedule, steps)} of {steps}",
                 "denoise ms": round(ms, 1),
                 "vs none": round(ratio, 2),
                 "target": verdict,

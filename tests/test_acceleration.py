@@ -22,7 +22,7 @@ from diffusers import ZImageImg2ImgPipeline
 
 from src.jobs.worker import Worker
 from src.model import acceleration
-from src.model.acceleration import LEVELS, StepSchedule, steps_run
+from src.model.acceleration import LEVELS, steps_computed, steps_run
 from src.model.pipeline import ZImageGenerator
 from src.request.models import MODELS
 from src.request.schema import ACCELERATION_LEVELS, GenerateRequest
@@ -88,18 +88,6 @@ def pixels(output: dict) -> np.ndarray:
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((a - b) ** 2))
     return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
-
-
-def computed_steps(schedule: StepSchedule | None, steps: int) -> int:
-    """The steps TaylorSeer computes (diffusers' rule, written out): the warm-up, one in
-    `interval` after it, and the cool-down; all of them without a schedule."""
-    if schedule is None:
-        return steps
-    last = max(steps - schedule.cool_down, schedule.warm_up)
-    return sum(
-        step < schedule.warm_up or (step - schedule.warm_up - 1) % schedule.interval == 0 or step >= last
-        for step in range(steps)
-    )
 
 
 @contextmanager
@@ -181,12 +169,12 @@ def test_each_level_forecasts_its_steps_in_every_mode_and_model(worker, model, m
         with counting(worker, model) as counts:
             output = run(worker, **fields, acceleration=level)
         assert output["acceleration"] == level and output["model"] == model
-        expected = computed_steps(LEVELS[model][level], steps)
+        expected = steps_computed(LEVELS[model][level], steps)
         assert counts["transformer"] == expected, (level, counts)
         # With control, the ControlNet's blocks are forecast with the transformer's.
         assert counts["controlnet"] == (expected if "control_image" in fields else 0), (level, counts)
         images[level] = pixels(output)
-    assert computed_steps(LEVELS[model]["high"], steps) < steps
+    assert steps_computed(LEVELS[model]["high"], steps) < steps
     for level in ("regular", "high"):
         # Approximately the same picture: close, not equal.
         assert 0 < np.abs(images[level] - images["none"]).mean() < 40, level

@@ -82,6 +82,18 @@ def steps_run(num_inference_steps: int, strength: float | None) -> int:
     return num_inference_steps - start
 
 
+def steps_computed(schedule: StepSchedule | None, steps: int) -> int:
+    """How many of `steps` run the transformer's blocks: TaylorSeer's rule on config_for's config
+    (the warm-up, one step in `interval` after it, the cool-down); all of them without a schedule."""
+    if schedule is None:
+        return steps
+    last = max(steps - schedule.cool_down, schedule.warm_up)
+    return sum(
+        step < schedule.warm_up or (step - schedule.warm_up - 1) % schedule.interval == 0 or step >= last
+        for step in range(steps)
+    )
+
+
 def config_for(schedule: StepSchedule, steps: int, patterns: list[str]) -> TaylorSeerCacheConfig:
     return TaylorSeerCacheConfig(
         cache_interval=schedule.interval,
