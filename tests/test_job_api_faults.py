@@ -245,6 +245,16 @@ def wait_for_request(queue: JobQueue, kind: str, since: float, seconds: float) -
     return True
 
 
+def wait_for_recovery(log: Path, calls: tuple[str, ...], seconds: float = 15.0) -> None:
+    """Until each call has logged its answer after the outage: a call backing off waits up to
+    5 s (at least 5 s after a 429) before it asks again, so a fixed sleep can end too soon."""
+    deadline = time.monotonic() + seconds
+    while not all(lines_with(f"{call} answering again after", log.read_text()) for call in calls):
+        if time.monotonic() > deadline:
+            return  # the assertions below name the call that did not recover
+        time.sleep(0.2)
+
+
 def lines_with(text: str, log: str) -> list[str]:
     return [line for line in log.splitlines() if text in line]
 
@@ -271,7 +281,8 @@ def test_an_outage_of_the_job_api_is_ridden_out_quietly_and_loses_no_result(tiny
         up = time.monotonic()
         queue.fault = queue.done_fault = None
         assert queue.wait_for(["in-flight", "job-2"], 60), log.read_text()[-3000:]
-        time.sleep(2.0)  # the heartbeat's and the stop poll's next answers
+        wait_for_recovery(log, ("job-take", "stop-signal poll", "job-done post"))
+        time.sleep(1.0)  # the heartbeat's next answer, if it failed at all
         text = log.read_text()
         logged = log.stat().st_size - log_before
     queue.close()
@@ -329,7 +340,7 @@ def test_garbled_answers_429s_and_dropped_connections_are_ridden_out_too(tiny_mo
         up = time.monotonic()
         queue.fault = queue.done_fault = None
         assert queue.wait_for(["in-flight", "job-2"], 60), log.read_text()[-3000:]
-        time.sleep(2.0)
+        wait_for_recovery(log, ("job-take", "stop-signal poll", "job-done post", "heartbeat"))
         text = log.read_text()
         logged = log.stat().st_size - log_before
     queue.close()
