@@ -12,8 +12,9 @@
 
 # CUDA's "base" image: the driver hooks and cudart only. The torch wheels bring their own
 # cuBLAS, cuDNN and NCCL as pip packages; a cudnn-runtime base would ship a second copy
-# (several GB) that nothing loads. 12.8 matches the cu128 wheels: hosts need driver >= 570.
-FROM nvidia/cuda:12.8.1-base-ubuntu24.04
+# (several GB) that nothing loads. PyPI's torch 2.13.0 is built for CUDA 13.0, so hosts need
+# driver >= 580 (the Hub entry allows CUDA 13.0 only).
+FROM nvidia/cuda:13.0.2-base-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -32,12 +33,11 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 
-# 1. Python packages. torch first, the CUDA build from PyTorch's index (PyPI's default
-#    build may target another CUDA); requirements.txt then finds torch==2.13.0 installed.
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
-COPY requirements.txt /tmp/requirements.txt
-RUN pip install --no-cache-dir "torch==2.13.0" --index-url "$TORCH_INDEX_URL" \
-    && pip install --no-cache-dir -r /tmp/requirements.txt
+# 1. Python packages: exactly locks/worker-cuda.txt (written by scripts/lock.sh), every
+#    package pinned and checked against its hashes, torch's CUDA build from PyPI included.
+#    --no-deps: a package the lock does not name is an error here, never a silent download.
+COPY locks/worker-cuda.txt /tmp/worker-cuda.txt
+RUN pip install --no-cache-dir --require-hashes --no-deps -r /tmp/worker-cuda.txt
 
 # 2. Weights, baked into /models/<repo name> where src/model/files.py looks for them.
 #    Only the download script is copied here, so editing the worker keeps this layer cached.

@@ -22,36 +22,39 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Pinned in requirements.txt, and read from there so the two cannot drift apart.
-FROM_REQUIREMENTS = ("diffusers", "pydantic", "runpod", "boto3")
-# Their needs that the GPU machine lacks, at the versions the dev environment resolves to.
-ALSO = {
-    # pydantic's parts; pydantic 2.14 needs typing-extensions >= 4.16, newer than many images.
-    "pydantic-core": "2.50.4",
-    "annotated-types": "0.8.0",
-    "typing-inspection": "0.4.5",
-    "typing-extensions": "4.16.0",
+# Versions come from the Docker image's lock, so the benchmark runs what the image installs.
+LOCK = ROOT / "locks" / "worker-cuda.txt"
+NEEDED = (
+    "diffusers",
+    "pydantic",
+    "runpod",
+    "boto3",
+    # pydantic's parts; pydantic 2.14 needs a typing-extensions newer than many images have.
+    "pydantic-core",
+    "annotated-types",
+    "typing-inspection",
+    "typing-extensions",
     # `import runpod` (even for rp_ssrf alone) runs its __init__, which imports the API
     # client, the CLI's config and its SSH helper (paramiko) as well.
-    "aiohttp-retry": "2.9.1",
-    "backoff": "2.2.1",
-    "tomli": "2.5.0",
-    "tomlkit": "0.15.2",
-    "tqdm-loggable": "0.4.1",
-    "paramiko": "5.1.0",
-    "cryptography": "50.0.2",
-    "bcrypt": "5.0.0",
-    "pynacl": "1.6.2",
-    "cffi": "2.1.1",
-    "invoke": "3.0.3",
+    "aiohttp-retry",
+    "backoff",
+    "tomli",
+    "tomlkit",
+    "tqdm-loggable",
+    "paramiko",
+    "cryptography",
+    "bcrypt",
+    "pynacl",
+    "cffi",
+    "invoke",
     # src/delivery/storage.py imports boto3 at module level, so the worker needs it even without a
     # bucket; botocore is half of this folder's size.
-    "botocore": "1.44.8",
-    "s3transfer": "0.19.3",
-    "jmespath": "1.1.0",
-    # ZIMAGE_PRECISION=fp8. 0.18 is the first release whose C++ parts target torch 2.11.
-    "torchao": "0.18.0",
-}
+    "botocore",
+    "s3transfer",
+    "jmespath",
+    # ZIMAGE_PRECISION=fp8.
+    "torchao",
+)
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_26_x86_64",
              "manylinux_2_24_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")  # fmt: skip
 # 64 MiB travel to the GPU machine, the working tree included; keep room for it.
@@ -62,17 +65,22 @@ def normalise(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def pinned() -> dict[str, str]:
-    """Every wheel the GPU machine needs, name -> version."""
+def locked(lock: Path = LOCK) -> dict[str, str]:
+    """Every package `lock` pins, name -> version."""
     pins = {}
-    for line in (ROOT / "requirements.txt").read_text().splitlines():
-        match = re.fullmatch(r"\s*([A-Za-z0-9_.-]+)==([^\s#;]+).*", line)
-        if match and normalise(match[1]) in FROM_REQUIREMENTS:
+    for line in lock.read_text().splitlines():
+        if match := re.match(r"([A-Za-z0-9_.-]+)==([^\s;\\]+)", line):
             pins[normalise(match[1])] = match[2]
-    missing = set(FROM_REQUIREMENTS) - set(pins)
+    return pins
+
+
+def pinned() -> dict[str, str]:
+    """Every wheel the GPU machine needs, name -> version, as the Docker image's lock pins it."""
+    pins = locked()
+    missing = sorted(set(NEEDED) - set(pins))
     if missing:
-        raise SystemExit(f"requirements.txt pins none of {sorted(missing)}: pin them with ==")
-    return {**pins, **ALSO}
+        raise SystemExit(f"{LOCK.relative_to(ROOT)} pins none of {missing}: add them and re-lock")
+    return {name: pins[name] for name in NEEDED}
 
 
 def wheel_name_version(path: Path) -> tuple[str, str]:

@@ -19,7 +19,7 @@ import pytest
 
 from benchmarks.gpu_bench import BOXES, RESULTS, TABLE
 from benchmarks.gpu_report import END, START, gpu_section, read_results, replace_section
-from benchmarks.gpu_wheels import ALSO, MAX_MIB, normalise, pinned, wheel_name_version
+from benchmarks.gpu_wheels import MAX_MIB, normalise, pinned, wheel_name_version
 from tests.conftest import ROOT
 
 
@@ -34,10 +34,10 @@ def gpu_sh(*args: str, env: dict[str, str], timeout: int) -> subprocess.Complete
     )
 
 
-def test_carried_pins_are_the_versions_the_tests_run_with():
-    for name, version in ALSO.items():
-        if name == "torchao":  # only the GPU machine's fp8 row uses it
-            continue
+def test_carried_pins_are_the_docker_locks_and_the_versions_the_tests_run_with():
+    cuda_lock = (ROOT / "locks/worker-cuda.txt").read_text()
+    for name, version in pinned().items():
+        assert f"\n{name}=={version} " in cuda_lock.replace("_", "-").lower(), name
         assert importlib.metadata.version(name) == version, name
 
 
@@ -55,13 +55,24 @@ def test_prepare_fetches_one_linux_cp312_wheel_per_missing_package(tmp_path):
     assert total_mib < MAX_MIB
     assert f"{total_mib:.2f} MiB" in done.stdout
 
-    # On the GPU machine, only the packages it lacks are installed; here that is torchao alone.
-    site = tmp_path / "site"
-    subprocess.run(
-        [sys.executable, "benchmarks/gpu_wheels.py", "install", str(wheels), str(site)], cwd=ROOT, check=True
-    )
-    installed = {normalise(p.name.split("-")[0]) for p in site.glob("*.dist-info")}
-    assert installed == {"torchao"}
+    # On the GPU machine, only the packages it lacks are installed. Here the venv has them all
+    # at the pinned versions, so nothing is; without site-packages (-S) every one is missing
+    # (of the wheels that install on this Python: the cp312-only ones cannot).
+    portable = tmp_path / "portable"
+    portable.mkdir()
+    for path in wheels.glob("*.whl"):
+        if path.name.endswith("-none-any.whl") or "-abi3-" in path.name:
+            (portable / path.name).symlink_to(path)
+    expected = {wheel_name_version(path)[0] for path in portable.iterdir()}
+    assert {"diffusers", "runpod", "torchao"} <= expected
+    for flags, folder, names in (([], wheels, set()), (["-S"], portable, expected)):
+        site = tmp_path / f"site{len(flags)}"
+        subprocess.run(
+            [sys.executable, *flags, "benchmarks/gpu_wheels.py", "install", str(folder), str(site)],
+            cwd=ROOT,
+            check=True,
+        )
+        assert {normalise(p.name.split("-")[0]) for p in site.glob("*.dist-info")} == names
 
 
 @pytest.fixture(scope="module")

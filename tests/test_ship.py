@@ -115,13 +115,13 @@ def test_cmd_runs_the_handler_unbuffered():
 
 
 def test_layers_go_packages_then_weights_then_code():
-    packages = index_of(lambda op, args: op == "RUN" and "-r /tmp/requirements.txt" in args)
+    packages = index_of(lambda op, args: op == "RUN" and "-r /tmp/worker-cuda.txt" in args)
     weights = index_of(lambda op, args: op == "RUN" and "download_weights.py" in args)
     code = index_of(lambda op, args: op == "COPY" and args.split()[0] == ".")
     assert packages < weights < code
     # Before the weights, only the download script is copied: no other change reruns the download.
     copied = [args.split()[0] for op, args in instructions()[:weights] if op in ("COPY", "ADD")]
-    assert copied == ["requirements.txt", "builder/download_weights.py"]
+    assert copied == ["locks/worker-cuda.txt", "builder/download_weights.py"]
     offline = index_of(lambda op, args: op == "ENV" and "HF_HUB_OFFLINE=1" in args)
     assert weights < offline < code
 
@@ -224,21 +224,18 @@ def test_weights_are_baked_where_the_worker_looks():
     assert repo_folder(baked, "Falconsai/nsfw_image_detection") == baked / "nsfw_image_detection"
 
 
-def test_torch_is_the_pinned_cuda_build_and_requirements_match_what_was_tested():
-    run = instructions()[index_of(lambda op, args: op == "RUN" and "torch==" in args)][1]
-    assert re.search(r'"torch==2\.13\.0" --index-url "\$TORCH_INDEX_URL"', run)
-    assert re.search(r"ARG TORCH_INDEX_URL=https://download\.pytorch\.org/whl/cu12\d\b", DOCKERFILE)
+def test_packages_install_from_the_cuda_lock_with_hashes_and_nothing_else():
+    """The image's one pip install reads the lock, checks every hash and pulls no dependency
+    the lock does not name; the lock pins PyPI's CUDA build of the torch the tests run."""
+    run = instructions()[index_of(lambda op, args: op == "RUN" and "pip install" in args)][1]
+    assert re.fullmatch(
+        r"pip install --no-cache-dir --require-hashes --no-deps -r /tmp/worker-cuda\.txt", run.strip()
+    )
+    assert "torch==" not in DOCKERFILE and "index-url" not in DOCKERFILE
+    cuda_lock = (ROOT / "locks/worker-cuda.txt").read_text()
+    assert re.search(r"^torch==2\.13\.0 \\$", cuda_lock, re.M)
+    assert re.search(r"^nvidia-cuda-runtime==13\.", cuda_lock, re.M)
     assert importlib.metadata.version("torch").split("+")[0] == "2.13.0"
-    pins = {}
-    for line in (ROOT / "requirements.txt").read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            name, _, version = line.partition("==")
-            assert version, f"{line!r} is not pinned with =="
-            pins[name.strip()] = version.strip()
-    expected = {"runpod", "diffusers", "transformers", "accelerate", "safetensors", "pillow", "boto3"}
-    assert expected | {"pydantic", "huggingface_hub"} <= set(pins)
-    for name, version in pins.items():
-        assert importlib.metadata.version(name) == version, f"{name}: tested with another version"
 
 
 # ---------------------------------------------------------------------- Runpod Hub
@@ -253,8 +250,10 @@ def test_hub_json_has_the_required_fields():
     # bf16 weights take ~21 GB: nothing under 24 GB, and the 24, 48 and 80 GB classes all offered.
     assert min(GPU_POOLS[p] for p in pools) == 24 and {24, 48, 80} <= {GPU_POOLS[p] for p in pools}
     assert {"ADA_24", "AMPERE_24"} <= set(pools)
-    # The cu128 torch wheels need a CUDA 12.8 driver or newer.
-    assert config["allowedCudaVersions"] and all(float(v) >= 12.8 for v in config["allowedCudaVersions"])
+    # PyPI's torch 2.13.0 wheels are built for CUDA 13.0: they need a 13.0 driver or newer.
+    assert config["allowedCudaVersions"] and all(float(v) >= 13.0 for v in config["allowedCudaVersions"])
+    base = next(args for op, args in instructions() if op == "FROM")
+    assert base.startswith("nvidia/cuda:13.0.")
 
 
 def hub_inputs() -> dict[str, dict]:
@@ -402,8 +401,15 @@ SHIPPED = [
     "src/model/files.py",
     "builder/download_weights.py",
     "requirements.txt",
+    "locks/worker-cuda.txt",
 ]
-LEFT_OUT = ["tests/test_ship.py", ".git/HEAD", ".venv/bin/python", "src/__pycache__/worker.cpython-312.pyc"]
+LEFT_OUT = [
+    "tests/test_ship.py",
+    "locks/dev-cpu.txt",
+    ".git/HEAD",
+    ".venv/bin/python",
+    "src/__pycache__/worker.cpython-312.pyc",
+]
 
 
 def test_dockerignore_keeps_tests_and_history_out_and_the_worker_in():
