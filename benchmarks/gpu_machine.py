@@ -29,10 +29,9 @@ MODULES = {
     "huggingface_hub": "huggingface_hub",
     "boto3": "boto3",
     "pydantic": "pydantic",
-    "torchao": "torchao.quantization",
 }
 # Beyond requirements.txt: what the worker's options and the benchmark import.
-EXTRA = {"worker": "src.jobs.worker", "ZImagePipeline": "diffusers"}
+EXTRA = {"torchao": "torchao.quantization", "worker": "src.jobs.worker", "ZImagePipeline": "diffusers"}
 
 
 def gpu_facts() -> dict:
