@@ -10,6 +10,7 @@ API (`--rp_serve_api`) and as deployed, in the SDK's job loop against the loopba
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -17,15 +18,24 @@ import re
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import openai
 import pytest
+import requests
 from PIL import Image
 
+from builder.tiny_model import build_tiny_safety_checker
+from src.delivery.storage import Storage
+from src.jobs.worker import Worker
+from src.openai_images.masks import native_mask
+from src.openai_images.replies import error_object, images_response
+from src.openai_images.routes import OpenAIImages
+from src.runtime.settings import Settings
 from tests.conftest import data_uri_of, decode_data_uri
-from tests.loopback_servers import JobQueue
+from tests.loopback_servers import BUCKET, KEY_ID, SECRET, JobQueue, MotoServer
 from tests.test_job_loop import deployed
 
 PROMPT = "a paper boat on a green pond"
@@ -318,3 +328,115 @@ def test_the_deployed_job_loop_speaks_openai(tiny_model, tmp_path):
         server.close()
         queue.close()
     assert PROMPT not in log.read_text(), log.read_text()[-2000:]
+
+
+# -------------------------------------------------- in-process: checker, bucket
+def openai_job(worker: Worker, route: str, body: dict | None = None) -> dict:
+    job_input = {"openai_route": route, **({"openai_input": body} if body is not None else {})}
+    return asyncio.run(OpenAIImages(worker).handle({"id": "openai-test", "input": job_input}))
+
+
+def test_every_image_flagged_is_a_content_policy_violation(tiny_model, tmp_path):
+    checker = build_tiny_safety_checker(tmp_path / "always", nsfw_bias=10.0)
+    worker = Worker.start(Settings(model=str(tiny_model), safety_checker_model=str(checker)))
+    reply = openai_job(worker, "/v1/images/generations", {"prompt": PROMPT, "size": "256x256", **FAST})
+    assert reply["error"]["code"] == "content_policy_violation", reply
+    assert reply["error"]["type"] == "invalid_request_error" and "flagged" in reply["error"]["message"]
+    off = {"prompt": PROMPT, "size": "256x256", "enable_safety_checker": False, **FAST}
+    assert openai_job(worker, "/v1/images/generations", off)["has_nsfw_concepts"] == [False]
+
+
+def test_with_a_bucket_url_is_a_link_and_b64_json_skips_the_upload(worker, tmp_path):
+    store = MotoServer()
+    try:
+        store.make_bucket()
+        settings = Settings(
+            model=worker.settings.model,
+            safety_checker_model="none",
+            bucket_endpoint_url=store.url,
+            bucket_access_key_id=KEY_ID,
+            bucket_secret_access_key=SECRET,
+            bucket_name=BUCKET,
+        )
+        stored = replace(worker, settings=settings, storage=Storage(settings))
+        body = {"prompt": PROMPT, "size": "256x256", **FAST}
+        linked = openai_job(stored, "/v1/images/generations", body)
+        assert linked["data"][0]["url"].startswith(f"{store.url}/{BUCKET}/")
+        uploaded = store.keys("")
+        assert len(uploaded) == 1
+        inline = openai_job(stored, "/v1/images/generations", {**body, "response_format": "b64_json"})
+        assert store.keys("") == uploaded  # nothing more stored
+        with requests.get(linked["data"][0]["url"], timeout=30) as response:
+            assert base64.b64decode(inline["data"][0]["b64_json"]) == response.content
+    finally:
+        store.stop()
+
+
+# ------------------------------------------------------------ pure: replies
+@pytest.mark.parametrize(
+    ("message", "kind", "param", "code"),
+    [
+        ("size: '1000x1000' is not allowed: ...", "invalid_request_error", "size", None),
+        ("loras[1].path: 'a.ckpt' is not allowed: ...", "invalid_request_error", "loras[1].path", None),
+        ("model: 'z-image' is not served by this worker ...", "invalid_request_error", "model", None),
+        (
+            "safety: all 2 generated image(s) were flagged ...",
+            "invalid_request_error",
+            None,
+            "content_policy_violation",
+        ),
+        (
+            "output: 4 png image(s) at 2048*2048 make a 31.2 MB response ...",
+            "invalid_request_error",
+            None,
+            None,
+        ),
+        ("upload: storing 1 of 1 image(s) in bucket 'b' failed ...", "server_error", None, None),
+        ("out of GPU memory for this request: try a smaller size", "server_error", None, None),
+        ("internal error in job j; the worker logged the details", "server_error", None, None),
+    ],
+)
+def test_native_messages_become_openai_error_objects(message, kind, param, code):
+    assert error_object(message) == {"message": message, "type": kind, "param": param, "code": code}
+
+
+def test_a_gpu_fault_still_asks_for_a_new_worker():
+    native = {"error": "GPU failure in job j: this worker can no longer use its GPU", "refresh_worker": True}
+    reply = OpenAIImages._failed(native)
+    assert reply["refresh_worker"] is True and reply["error"]["type"] == "server_error"
+
+
+def test_each_entry_gets_the_expanded_prompt_as_revised_prompt():
+    native = {
+        "image_url": "data:image/png;base64,AAAA",
+        "images": [
+            {"image_url": "data:image/png;base64,AAAA", "seed": 1},
+            {"image_url": "https://x/b", "seed": 2},
+        ],
+        "expanded_prompt": "A paper boat, folded from newsprint, on a still green pond at dawn.",
+        **dict(model="z-image-turbo", width=256, height=320, output_format="png", seed=1, cost=0.01),
+        **dict(timings={"total": 1.0}, has_nsfw_concepts=[False, False]),
+    }
+    reply = images_response(native, "url")
+    assert [entry["url"] for entry in reply["data"]] == ["data:image/png;base64,AAAA", "https://x/b"]
+    assert {entry["revised_prompt"] for entry in reply["data"]} == {native["expanded_prompt"]}
+    assert reply["size"] == "256x320"
+    plain = {key: value for key, value in native.items() if key != "expanded_prompt"}
+    assert all("revised_prompt" not in entry for entry in images_response(plain, "url")["data"])
+
+
+@pytest.mark.parametrize(
+    ("mask", "native"),
+    [
+        (Image.new("RGBA", (4, 2), (255, 255, 255, 0)), 255),  # transparent: regenerate
+        (Image.new("RGBA", (4, 2), (0, 0, 0, 255)), 0),  # opaque: keep, whatever its colour
+        (Image.new("LA", (4, 2), (0, 128)), 127),  # half: blend
+        (Image.new("L", (4, 2), 200), 200),  # no alpha: read as the native mask
+        (Image.new("RGB", (4, 2), (255, 255, 255)), 255),
+    ],
+    ids=["transparent", "opaque", "half", "gray", "rgb"],
+)
+def test_masks_in_openai_s_convention_become_native_masks(mask, native):
+    converted = decode_data_uri(native_mask(png_uri(mask)))
+    assert converted.mode == "L" and converted.size == (4, 2)
+    assert set(np.asarray(converted).flatten().tolist()) == {native}
