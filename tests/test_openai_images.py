@@ -30,6 +30,7 @@ from PIL import Image
 from builder.tiny_model import build_tiny_safety_checker
 from src.delivery.storage import Storage
 from src.jobs.worker import Worker
+from src.openai_images.bodies import BadBody
 from src.openai_images.masks import native_mask
 from src.openai_images.replies import error_object, images_response
 from src.openai_images.routes import OpenAIImages
@@ -398,6 +399,18 @@ def test_with_a_bucket_url_is_a_link_and_b64_json_skips_the_upload(worker, tmp_p
 )
 def test_native_messages_become_openai_error_objects(message, kind, param, code):
     assert error_object(message) == {"message": message, "type": kind, "param": param, "code": code}
+
+
+def test_a_job_input_holds_only_the_route_and_the_body():
+    with pytest.raises(BadBody) as caught:
+        OpenAIImages._route({"openai_route": "/v1/models", "x\nINFO forged": 1})
+    assert str(caught.value).startswith("'x\\nINFO forged'...: unknown field") and "\n" not in str(
+        caught.value
+    )
+    with pytest.raises(BadBody) as caught:
+        OpenAIImages._route({"openai_route": 7})
+    assert caught.value.param == "openai_route" and "/v1/images/edits" in str(caught.value)
+    assert OpenAIImages._route({"openai_route": "/v1/models/"}) == "/v1/models"
 
 
 def test_a_gpu_fault_still_asks_for_a_new_worker():

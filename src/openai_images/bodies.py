@@ -36,7 +36,7 @@ EXTENSIONS = (
 )
 # OpenAI fields that are native fields too, under the same name and rule.
 SHARED = ("prompt", "model", "output_format")
-QUALITIES = ("auto", "low", "medium", "high", "standard", "hd")
+QUALITIES = ("auto", "low", "medium", "high", "xhigh", "max", "standard", "hd")
 
 
 class BadBody(JobError):
@@ -182,8 +182,13 @@ def native_input(route: str, body: Any) -> tuple[dict[str, Any], GenerationField
 def _unknown(key: str, allowed: tuple[str, ...]) -> str:
     close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)
     hint = f"did you mean '{close[0]}'? " if close else ""
-    shown = key if len(key) <= 40 and key.isprintable() else repr(key[:40]) + "..."
-    return f"{shown}: unknown field; {hint}allowed fields: {', '.join(allowed)}"
+    return f"{shown_key(key)}: unknown field; {hint}allowed fields: {', '.join(allowed)}"
+
+
+def shown_key(key: str) -> str:
+    """A key as a message shows it: as sent when short and printable, else quoted and cut, so a
+    5 MB key is not echoed back and a key with a newline cannot forge a log line."""
+    return key if len(key) <= 40 and key.isprintable() else repr(key[:40]) + "..."
 
 
 def _describe(error: Any, body: dict, model: type[GenerationFields]) -> str:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from src.jobs.worker import Worker
-from src.openai_images.bodies import ROUTES, BadBody, native_input
+from src.openai_images.bodies import ROUTES, BadBody, native_input, shown_key
 from src.openai_images.masks import native_mask
 from src.openai_images.replies import error_object, images_response, models_list
 from src.runtime.errors import JobError
@@ -71,9 +71,10 @@ class OpenAIImages:
     def _route(raw: dict[str, Any]) -> str:
         unknown = [key for key in raw if key not in JOB_KEYS]
         if unknown:
-            name = unknown[0][:40]
             raise BadBody(
-                f"{name}: unknown field; an OpenAI job's input holds only {' and '.join(JOB_KEYS)}", name
+                f"{shown_key(unknown[0])}: unknown field; an OpenAI job's input holds only "
+                f"{' and '.join(JOB_KEYS)}",
+                unknown[0][:40],
             )
         route = raw["openai_route"]
         if not isinstance(route, str) or route.rstrip("/") not in SERVED_ROUTES:
