@@ -137,7 +137,7 @@ ROUTES: dict[str, tuple[type[GenerationFields], tuple[str, ...]]] = {
 
 def native_input(route: str, body: Any) -> tuple[dict[str, Any], GenerationFields]:
     """The native job input for an OpenAI body, and the OpenAI-only fields (the reply needs
-    `response_format`). Every problem becomes one JobError naming its fields."""
+    `response_format`). Every problem becomes one BadBody naming its fields."""
     if not isinstance(body, dict):
         raise BadBody(
             f"openai_input: {_shown(body)} is not allowed: the request body must be a JSON object "
@@ -148,17 +148,16 @@ def native_input(route: str, body: Any) -> tuple[dict[str, Any], GenerationField
     allowed = tuple(dict.fromkeys(("prompt", *model.model_fields, *passed)))
     # (field, message) for every problem, unknown keys first.
     problems = [(key, _unknown(key, allowed)) for key in body if key not in allowed]
+    fields: GenerationFields | None = None
     try:
         fields = model.model_validate(body)
     except ValidationError as err:
         problems += [(str(e["loc"][0]) if e["loc"] else "", _describe(e, body, model)) for e in err.errors()]
-        fields = None
-    if problems:
+    if problems or fields is None:
         messages = [message for _, message in problems[:MAX_PROBLEMS]]
         if len(problems) > MAX_PROBLEMS:
             messages.append(f"and {len(problems) - MAX_PROBLEMS} more problem(s)")
         raise BadBody("; ".join(messages), problems[0][0][:40] or None)
-    assert fields is not None  # noqa: S101 - no problem means it validated
 
     native = {key: body[key] for key in passed if key in body}
     if fields.n is not None:
