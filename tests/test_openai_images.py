@@ -34,6 +34,8 @@ from src.openai_images.bodies import BadBody
 from src.openai_images.masks import native_mask
 from src.openai_images.replies import error_object, images_response
 from src.openai_images.routes import OpenAIImages
+from src.request.schema import parse_request
+from src.runtime.errors import JobError
 from src.runtime.settings import Settings
 from tests.conftest import data_uri_of, decode_data_uri
 from tests.loopback_servers import BUCKET, KEY_ID, SECRET, JobQueue, MotoServer
@@ -301,6 +303,25 @@ def test_edits_without_a_mask_are_image_to_image(gateway, api):
     assert [reply.data[0].b64_json] == payloads(native["output"])
 
 
+def native_size_auto() -> bool:
+    """Whether the native request takes size "auto" (API.md, "Sizes: auto"), which edits default to."""
+    try:
+        parse_request({"prompt": PROMPT, "image": "aGk=", "size": "auto"})
+    except JobError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not native_size_auto(), reason='the native size "auto" is not on this branch yet')
+def test_edits_default_to_the_input_picture_s_size(gateway, api):
+    source = png_uri(picture((320, 256)))
+    body = {"prompt": PROMPT, "image": source, "response_format": "b64_json", **FAST}
+    reply = gateway.client().post(EDITS, body=body, cast_to=openai.types.ImagesResponse)
+    assert reply.size == "320x256" and b64_pixels(reply.data[0].b64_json).shape == (256, 320, 3)
+    native = via_local_api(api)({"prompt": PROMPT, "image": source, "size": "auto", **FAST})
+    assert [reply.data[0].b64_json] == payloads(native["output"])
+
+
 def test_edits_with_an_alpha_mask_keep_the_opaque_pixels_exactly(gateway, api):
     check_masked_edit_keeps_the_opaque_pixels(gateway.client(), via_local_api(api))
 
@@ -380,6 +401,12 @@ def test_with_a_bucket_url_is_a_link_and_b64_json_skips_the_upload(worker, tmp_p
         ("size: '1000x1000' is not allowed: ...", "invalid_request_error", "size", None),
         ("loras[1].path: 'a.ckpt' is not allowed: ...", "invalid_request_error", "loras[1].path", None),
         ("model: 'z-image' is not served by this worker ...", "invalid_request_error", "model", None),
+        (
+            "enable_prompt_expansion: unknown field; ...",
+            "invalid_request_error",
+            "enable_prompt_expansion",
+            None,
+        ),
         (
             "safety: all 2 generated image(s) were flagged ...",
             "invalid_request_error",

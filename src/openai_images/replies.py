@@ -12,11 +12,17 @@ import re
 import time
 from typing import Any
 
-from src.openai_images.bodies import EditFields
+from src.openai_images.bodies import EXTENSIONS, EditFields
 from src.request.schema import FIELDS
 
-# Fields a caller sends: the native ones, OpenAI's, and the job input's own two.
-CALLER_FIELDS = frozenset(FIELDS) | frozenset(EditFields.model_fields) | {"openai_route", "openai_input"}
+# Fields a caller sends: the native ones, OpenAI's, the extensions (some may be newer than this
+# worker's native request, which then refuses them by name) and the job input's own two.
+CALLER_FIELDS = (
+    frozenset(FIELDS)
+    | frozenset(EditFields.model_fields)
+    | frozenset(EXTENSIONS)
+    | {"openai_route", "openai_input"}
+)
 LEADING_FIELD = re.compile(r"([A-Za-z_][\w-]{0,39})((?:\[\d+\])?(?:\.\w+)?): ")
 OWNER = "tongyi-mai"
 
