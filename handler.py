@@ -6,7 +6,8 @@
 
 Deployed, this file is the container's command: the weights load once, before the
 first job is taken, then the Runpod SDK's job loop (src/jobs/job_loop.py) keeps up to
-MAX_CONCURRENCY jobs in flight. The work lives in src/ (see README, "Layout").
+MAX_CONCURRENCY jobs in flight. A job whose input carries `openai_route` speaks OpenAI's Images
+API (src/openai_images/). The work lives in src/ (see README, "Layout").
 """
 
 import time
@@ -21,6 +22,7 @@ from src.jobs.job_loop import serve  # noqa: E402
 from src.jobs.worker import Worker  # noqa: E402
 from src.model.files import ModelNotFound  # noqa: E402
 from src.model.safety import SafetyModelError  # noqa: E402
+from src.openai_images.routes import OpenAIImages  # noqa: E402
 from src.runtime.logs import add_secret, configure_logging  # noqa: E402
 from src.runtime.settings import Settings, SettingsError  # noqa: E402
 
@@ -39,7 +41,9 @@ def main() -> None:
         log.error("cannot start: %s", err)
         sys.exit(1)
     log.info("cold start: %.0f ms from process start to taking jobs", (time.perf_counter() - STARTED) * 1000)
-    serve(worker.handle, settings.max_concurrency, stop_taking_jobs=lambda: worker.gpu.faulted)
+    # Jobs with `openai_route` speak OpenAI's Images API (docs/openai.md); the rest are native.
+    handler = OpenAIImages(worker).handle
+    serve(handler, settings.max_concurrency, stop_taking_jobs=lambda: worker.gpu.faulted)
 
 
 if __name__ == "__main__":

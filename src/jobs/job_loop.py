@@ -36,7 +36,7 @@ from typing import Any
 
 import requests
 import runpod
-from runpod.serverless.modules import rp_job, rp_ping, rp_progress, rp_scale
+from runpod.serverless.modules import rp_fastapi, rp_job, rp_ping, rp_progress, rp_scale
 from runpod.version import __version__ as runpod_version
 
 from src.jobs.job_api import FAULTS, Faults, OutageLog, describe, poll_stop_signals, send_result, take_jobs
@@ -173,6 +173,18 @@ class Heartbeat(rp_ping.Heartbeat):
                 self.outage.failed(f"HTTP {answer.status_code}")
 
 
+def allow_error_objects() -> None:
+    """Let `--rp_serve_api` answer a failed job whose `error` is an object (an OpenAI error object).
+
+    The SDK's local API declares `error` a string in its response model, so FastAPI turns such a
+    job into a bare HTTP 500 (the deployed loop's result post carries any JSON). Widening the field's
+    type, before the local API builds its routes, is the whole change.
+    """
+    error_type = str | dict[str, Any] | None
+    rp_fastapi.JobOutput.__annotations__["error"] = error_type
+    rp_fastapi.JobOutput.__dataclass_fields__["error"].type = error_type
+
+
 def serve(handler: Callable[..., Any], max_concurrency: int, stop_taking_jobs: Callable[[], bool]) -> None:
     """`runpod.serverless.start` with this module's scaler and `max_concurrency` jobs in flight."""
     JobScaler.stop_taking_jobs = staticmethod(stop_taking_jobs)
@@ -180,4 +192,5 @@ def serve(handler: Callable[..., Any], max_concurrency: int, stop_taking_jobs: C
     rp_job.send_result = send_result  # `rp_job.handle_job` posts each result through this name
     rp_progress.send_result = send_result  # and progress updates through this one
     rp_ping.Heartbeat = Heartbeat  # `Heartbeat.start_ping` starts `Heartbeat.process_loop` by this name
+    allow_error_objects()
     runpod.serverless.start({"handler": handler, "concurrency_modifier": lambda current: max_concurrency})

@@ -125,11 +125,14 @@ class Worker:
         log.info("ready on %s (%s): %s", device, str(dtype).removeprefix("torch."), parts)
         return cls(settings, models, safety, storage, gpu=gpu, depth=depth)
 
-    async def handle(self, job: dict[str, Any]) -> dict[str, Any]:
-        """The SDK's handler: a job's output, or the one error shape; the worker serves on."""
+    async def handle(self, job: dict[str, Any], inline: bool = False) -> dict[str, Any]:
+        """The SDK's handler: a job's output, or the one error shape; the worker serves on.
+
+        `inline` returns data URIs even on a worker with a bucket (a caller that wants the bytes).
+        """
         job_id = str(job.get("id", "local"))
         try:
-            return await self.run(job_id, job.get("input"), progress_reporter(job, self.settings))
+            return await self.run(job_id, job.get("input"), progress_reporter(job, self.settings), inline)
         except JobError as err:
             log.info("job %s failed: %s", job_id, err)
             return error_output(str(err))
@@ -158,7 +161,9 @@ class Worker:
         finally:
             clock.add(stage, (time.perf_counter() - started) * 1000)
 
-    async def run(self, job_id: str, raw_input: Any, on_step: StepCallback | None = None) -> dict[str, Any]:
+    async def run(
+        self, job_id: str, raw_input: Any, on_step: StepCallback | None = None, inline: bool = False
+    ) -> dict[str, Any]:
         """One job, start to end. Only the GPU stage waits for other jobs; the rest overlaps them."""
         clock = Stopwatch(self.generator.device)
         stop = Stop()
@@ -210,7 +215,7 @@ class Worker:
         #    Off the GPU thread, so no lap waits for the GPU (it may be running another job).
         encoded = await run_stoppable(None, self._encode, stop, images, request)
         clock.lap("encode_image", sync=False)
-        urls = await run_stoppable(None, self._deliver, stop, job_id, encoded, request, stop)
+        urls = await run_stoppable(None, self._deliver, stop, job_id, encoded, request, inline, stop)
         clock.lap("upload", sync=False)
         return self._output(request, seed, kept, urls, flags, clock)
 
@@ -275,8 +280,10 @@ class Worker:
     def _encode(images: list[Image.Image], request: GenerateRequest) -> list[bytes]:
         return [encode_image(image, request.output_format, request.output_quality) for image in images]
 
-    def _deliver(self, job_id: str, encoded: list[bytes], request: GenerateRequest, stop: Stop) -> list[str]:
-        if self.storage is not None:
+    def _deliver(
+        self, job_id: str, encoded: list[bytes], request: GenerateRequest, inline: bool, stop: Stop
+    ) -> list[str]:
+        if self.storage is not None and not inline:
             return self.storage.upload_all(job_id, encoded, request.output_format, stop)
         return [data_uri(data, request.output_format) for data in encoded]
 
