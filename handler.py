@@ -17,6 +17,12 @@ import logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 
+from src.runtime.cpu_probe import without_cpu_probe  # noqa: E402
+
+# The SDK probes the CPU with a subprocess when it is first imported (~1.1 s): answer it here.
+with without_cpu_probe():
+    import runpod  # noqa: E402, F401
+
 from src.jobs.job_loop import serve  # noqa: E402
 from src.jobs.worker import Worker  # noqa: E402
 from src.model.files import ModelNotFound  # noqa: E402
