@@ -45,7 +45,12 @@ def main() -> None:
         log.error("cannot start: %s", err)
         sys.exit(1)
     log.info("cold start: %.0f ms from process start to taking jobs", (time.perf_counter() - STARTED) * 1000)
-    serve(worker.handle, settings.max_concurrency, stop_taking_jobs=lambda: worker.gpu.faulted)
+    serve(
+        worker.handle,
+        settings.max_concurrency,
+        stop_taking_jobs=lambda: worker.gpu.faulted,
+        delivery=worker.delivery,
+    )
 
 
 if __name__ == "__main__":
