@@ -18,6 +18,12 @@ import logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 
+from src.runtime.cpu_probe import without_cpu_probe  # noqa: E402
+
+# The SDK probes the CPU with a subprocess when it is first imported (~1.1 s): answer it here.
+with without_cpu_probe():
+    import runpod  # noqa: E402, F401
+
 from src.jobs.job_loop import serve  # noqa: E402
 from src.jobs.worker import Worker  # noqa: E402
 from src.model.files import ModelNotFound  # noqa: E402
@@ -42,8 +48,12 @@ def main() -> None:
         sys.exit(1)
     log.info("cold start: %.0f ms from process start to taking jobs", (time.perf_counter() - STARTED) * 1000)
     # Jobs with `openai_route` speak OpenAI's Images API (docs/openai.md); the rest are native.
-    handler = OpenAIImages(worker).handle
-    serve(handler, settings.max_concurrency, stop_taking_jobs=lambda: worker.gpu.faulted)
+    serve(
+        OpenAIImages(worker).handle,
+        settings.max_concurrency,
+        stop_taking_jobs=lambda: worker.gpu.faulted,
+        delivery=worker.delivery,
+    )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tests.conftest import Route, end_process, png_bytes, worker_env
 from tests.fault_worker import FAULT_PROMPT
-from tests.loopback_servers import BUCKET, KEY_ID, SECRET, JobQueue, MotoServer, deployed_worker
+from tests.loopback_servers import BUCKET, KEY_ID, SECRET, JobQueue, MotoServer, StoreProxy, deployed_worker
 
 START_SECONDS = 120  # imports and the tiny model's load, on a busy 2-core machine
 
@@ -80,13 +80,33 @@ def test_a_backlog_is_served_in_order_with_the_bytes_of_one_job_at_a_time(tiny_m
         a = {k: v for k, v in one.results[job_id].get("output", {}).items() if k not in strip}
         b = {k: v for k, v in two.results[job_id].get("output", {}).items() if k not in strip}
         assert a == b, job_id
-    # Host memory stays bounded: never more jobs taken and unfinished than slots.
+    # Host memory stays bounded: never more jobs taken and unfinished than the slots plus as
+    # many delivering (src/jobs/slots.py).
     for queue, slots in ((one, 1), (two, 2)):
-        assert max(in_flight(queue, t) for t in queue.taken.values()) <= slots
-    assert max(in_flight(two, t) for t in two.taken.values()) == 2  # and both slots were used
+        assert max(in_flight(queue, t) for t in queue.taken.values()) <= 2 * slots
+    assert max(in_flight(two, t) for t in two.taken.values()) >= 2  # and both slots were used
     # With two slots the SDK asks for jobs two at a time; with one, singly.
     assert any("/job-take-batch/" in url for url in two.take_requests)
     assert not any("/job-take-batch/" in url for url in one.take_requests)
+
+
+def test_delivering_jobs_free_slots_up_to_the_bound_and_wake_the_taking_loop():
+    from src.jobs.slots import Delivery
+
+    delivery = Delivery(bound=2)
+    woken = []
+    delivery.on_change(lambda: woken.append(delivery.jobs))
+    with delivery.delivering(), delivery.delivering():
+        assert delivery.freed() == 2
+        with delivery.delivering():
+            assert delivery.freed() == 2  # the third keeps its slot
+    assert delivery.freed() == 0 and woken == [1, 2, 3, 2, 1, 0]
+    try:
+        with delivery.delivering():
+            raise RuntimeError("an upload failed")
+    except RuntimeError:
+        pass
+    assert delivery.jobs == 0
 
 
 def test_progress_goes_out_for_the_first_step_then_at_most_twice_a_second_and_the_last(monkeypatch):
@@ -135,6 +155,36 @@ def test_a_slow_image_host_does_not_hold_the_gpu(tiny_model, tmp_path, image_ser
     assert "error" not in queue.results["slow-i2i"], queue.results["slow-i2i"]
     before = [i for i in range(1, 7) if queue.finished[f"job-{i}"] < queue.finished["slow-i2i"]]
     assert len(before) >= 3, before  # served by the other slot while the slow one fetched
+
+
+def test_a_job_uploading_to_a_slow_store_gives_its_slot_to_the_next_job(tiny_model, tmp_path):
+    """One slot and a store that holds each answer back 1.5 s: the next job is taken and run
+    while the one before it uploads, and no more than one job uploads without a slot."""
+    store = MotoServer()
+    store.make_bucket()
+    proxy = StoreProxy(store.port)
+    proxy.delay = 1.5
+    bucket = {
+        "BUCKET_ENDPOINT_URL": proxy.url,
+        "BUCKET_ACCESS_KEY_ID": KEY_ID,
+        "BUCKET_SECRET_ACCESS_KEY": SECRET,
+        "BUCKET_NAME": BUCKET,
+    }
+    jobs = [text_job(i, size="256*256", num_inference_steps=1) for i in range(4)]
+    queue = JobQueue(jobs)
+    log = tmp_path / "worker.log"
+    try:
+        with deployed(queue, tiny_model, log, MAX_CONCURRENCY="1", **bucket):
+            assert queue.wait_for([job["id"] for job in jobs], START_SECONDS + 90), log.read_text()[-3000:]
+    finally:
+        queue.close()
+        proxy.close()
+        store.stop()
+    for job in jobs:
+        assert queue.results[job["id"]]["output"]["image_url"].startswith(proxy.url), queue.results[job["id"]]
+    overlaps = [in_flight(queue, t) for t in queue.taken.values()]
+    assert max(overlaps) == 2, overlaps  # taken while the one before uploaded; never a third
+    assert any(queue.taken[f"job-{i}"] < queue.finished[f"job-{i - 1}"] for i in range(1, 4))
 
 
 def test_a_job_stopped_while_it_runs_frees_the_gpu_and_uploads_nothing(tiny_model, tmp_path):

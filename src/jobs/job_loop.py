@@ -11,7 +11,9 @@ heartbeats, shutdown) and changes the waits:
 - the taking loop waits until a slot frees (an event that every finished job sets), so the
   next job is asked for the moment one ends;
 - the starting loop starts each job as soon as it is queued, so it fetches its inputs
-  while the job before it is on the GPU.
+  while the job before it is on the GPU;
+- a job that has left the GPU stage (encoding, uploading) gives its slot to the next job,
+  up to a bound (src/jobs/slots.py), so a slow store does not keep the GPU waiting.
 
 When Runpod's job API fails, the SDK's loops ask again at once and log every failure, and
 its result post gives up after three quick tries and drops the result. Here the taking
@@ -40,6 +42,7 @@ from runpod.serverless.modules import rp_fastapi, rp_job, rp_ping, rp_progress, 
 from runpod.version import __version__ as runpod_version
 
 from src.jobs.job_api import FAULTS, Faults, OutageLog, describe, poll_stop_signals, send_result, take_jobs
+from src.jobs.slots import Delivery
 
 log = rp_scale.log
 
@@ -47,10 +50,17 @@ log = rp_scale.log
 class JobScaler(rp_scale.JobScaler):
     # Set by `serve`: True once the worker must not take more jobs (a GPU fault).
     stop_taking_jobs: Callable[[], bool] = staticmethod(lambda: False)
+    # Set by `serve`: the worker's jobs past the GPU stage, which hold no slot.
+    delivery: Delivery = Delivery(bound=0)
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
         self._slot_freed = asyncio.Event()
+        self.delivery.on_change(self._slot_freed.set)
+
+    def current_occupancy(self) -> int:
+        """Slots held: jobs queued or in progress, less those delivering (up to the bound)."""
+        return super().current_occupancy() - self.delivery.freed()
 
     async def set_scale(self) -> None:
         """Called at the top of every round of the SDK's taking loop: return once a slot is free."""
@@ -185,9 +195,16 @@ def allow_error_objects() -> None:
     rp_fastapi.JobOutput.__dataclass_fields__["error"].type = error_type
 
 
-def serve(handler: Callable[..., Any], max_concurrency: int, stop_taking_jobs: Callable[[], bool]) -> None:
-    """`runpod.serverless.start` with this module's scaler and `max_concurrency` jobs in flight."""
+def serve(
+    handler: Callable[..., Any],
+    max_concurrency: int,
+    stop_taking_jobs: Callable[[], bool],
+    delivery: Delivery | None = None,
+) -> None:
+    """`runpod.serverless.start` with this module's scaler: `max_concurrency` jobs waiting for or on
+    the GPU, plus up to `delivery.bound` more that are encoding and uploading."""
     JobScaler.stop_taking_jobs = staticmethod(stop_taking_jobs)
+    JobScaler.delivery = delivery or Delivery(bound=0)
     rp_scale.JobScaler = JobScaler
     rp_job.send_result = send_result  # `rp_job.handle_job` posts each result through this name
     rp_progress.send_result = send_result  # and progress updates through this one

@@ -32,6 +32,7 @@ from src.delivery.storage import Storage
 from src.inputs.pictures import Inputs, load_inputs
 from src.jobs import startup
 from src.jobs.progress import progress_reporter
+from src.jobs.slots import Delivery
 from src.jobs.startup import ServedModel
 from src.lora.adapters import LoraAdapters, PreparedLora
 from src.model import acceleration
@@ -78,6 +79,12 @@ class Worker:
     gpu: GpuStage = field(default_factory=GpuStage)
     # control_preprocess "depth"; None without a ControlNet or with DEPTH_MODEL=none.
     depth: DepthEstimator | None = None
+    # Jobs past the GPU stage; the job loop lets the next job take their slots (src/jobs/slots.py).
+    delivery: Delivery | None = None
+
+    def __post_init__(self) -> None:
+        if self.delivery is None:
+            self.delivery = Delivery(bound=self.settings.max_concurrency)
 
     @property
     def generator(self) -> ZImageGenerator:
@@ -211,12 +218,13 @@ class Worker:
         work = partial(self._on_gpu, request, seed, inputs, loras, clock, step)
         kept, images, flags = await self.gpu.run(work, stop)
 
-        # 3. Encode and deliver.
+        # 3. Encode and deliver, giving the slot to the next job meanwhile.
         #    Off the GPU thread, so no lap waits for the GPU (it may be running another job).
-        encoded = await run_stoppable(None, self._encode, stop, images, request)
-        clock.lap("encode_image", sync=False)
-        urls = await run_stoppable(None, self._deliver, stop, job_id, encoded, request, inline, stop)
-        clock.lap("upload", sync=False)
+        with self.delivery.delivering():
+            encoded = await run_stoppable(None, self._encode, stop, images, request)
+            clock.lap("encode_image", sync=False)
+            urls = await run_stoppable(None, self._deliver, stop, job_id, encoded, request, inline, stop)
+            clock.lap("upload", sync=False)
         return self._output(request, seed, kept, urls, flags, clock)
 
     def _on_gpu(
