@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from builder.tiny_model import build_tiny_base, build_tiny_expander
 from src.jobs.worker import Worker
-from src.model.expander import strip_thinking
+from src.model.expander import STATIC_TOKENS, strip_thinking
 from src.model.expander_weights import load_expander_model, same_file
 from src.request.schema import parse_request
 from src.runtime.errors import JobError
@@ -259,3 +259,14 @@ def test_settings():
     assert Settings.from_env({}).prompt_expansion_price_usd == 0.0025
     with pytest.raises(SettingsError, match="PROMPT_EXPANSION_PRICE_USD"):
         Settings.from_env({"PROMPT_EXPANSION_PRICE_USD": "-1"})
+
+
+def test_the_static_cache_gives_the_dynamic_caches_tokens(expanding, monkeypatch):
+    """The CUDA path's cache and loop, run eagerly on the CPU (its compile needs a GPU)."""
+    expander = expanding.expander
+    ids = expander.input_ids(JOB["prompt"])
+    assert ids.shape[1] + expander.max_new_tokens <= STATIC_TOKENS  # so the static cache is the one used
+    dynamic = expander.sample(ids, seed=7), expander.sample(ids, seed=None)
+    monkeypatch.setattr(expander, "_static", True)
+    monkeypatch.setattr(expander, "_compiled_step", expander._step)
+    assert (expander.sample(ids, seed=7), expander.sample(ids, seed=None)) == dynamic
