@@ -122,7 +122,8 @@ class Worker:
         safety = startup.load_safety(settings, roots, device, dtype)
         clock.lap("load_safety_checker")
         expander = startup.load_expander(settings, roots, models)
-        clock.lap("load_prompt_expander")
+        if expander is not None:
+            clock.lap("load_prompt_expander")
         storage = Storage(settings) if settings.storage_enabled else None
         clock.lap("connect_storage")
         startup.warm_up(settings, models)

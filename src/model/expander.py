@@ -128,6 +128,7 @@ class PromptExpander:
         # The compiled one-token step over a static cache: CUDA only, where launch overhead dominates.
         self._static = compile_decoding and self.device.type == "cuda"
         self._compiled_step: Step | None = None
+        self._static_cache: StaticCache | None = None
         if self._static:
             self._compiled_step = torch.compile(self._step, mode="reduce-overhead", fullgraph=True)
 
@@ -175,12 +176,10 @@ class PromptExpander:
         length = input_ids.shape[1]
         static = self._static and length + self.max_new_tokens <= STATIC_TOKENS
         config = self.model.config
-        cache = (
-            StaticCache(config=config, max_cache_len=STATIC_TOKENS) if static else DynamicCache(config=config)
-        )
         step = self._compiled_step if static else self._step
         sequence, new = input_ids, []
         with torch.inference_mode():
+            cache = self._reset_static_cache() if static else DynamicCache(config=config)
             # The prompt in one eager pass (its length varies); then one token a step.
             positions = torch.arange(length, device=self.device)
             logits = self._step(input_ids, cache, positions)
@@ -201,6 +200,14 @@ class PromptExpander:
                     logits = logits.clone()  # CUDA graphs reuse their output buffer
         return new
 
+    def _reset_static_cache(self) -> StaticCache:
+        """One static cache for every rewrite, emptied: the CUDA graphs keep its tensors' addresses."""
+        if self._static_cache is None:
+            self._static_cache = StaticCache(config=self.model.config, max_cache_len=STATIC_TOKENS)
+        else:
+            self._static_cache.reset()
+        return self._static_cache
+
     def _step(self, input_ids: torch.Tensor, cache: object, positions: torch.Tensor) -> torch.Tensor:
         """The next-token logits (1, vocab) in fp32, the cache extended by `input_ids`."""
         out = self.model(
@@ -216,7 +223,7 @@ class PromptExpander:
     def warm_up(self) -> None:
         """One rewrite, so CUDA set-up (and the compile, on a GPU) is not billed to a caller.
 
-        A compiled step that fails here is dropped, logged: the eager loop gives the same tokens.
+        A compiled step that fails here is dropped, logged: the eager loop (same sampling) serves instead.
         """
         ids = self.input_ids("warm-up")
         if self._static:
