@@ -35,7 +35,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 
 from builder.tiny_model import build_tiny_expander, build_tiny_zimage, tiny_tokenizer  # noqa: E402
 from src.model.expander import PromptExpander  # noqa: E402
-from src.model.expander_weights import load_expander_model  # noqa: E402
+from src.model.expander_weights import assemble_causal_lm, load_expander_model  # noqa: E402
 
 # Qwen/Qwen3-4B's config.json: the shapes that set the decoding cost.
 QWEN3_4B = dict(
@@ -81,10 +81,36 @@ def full_expander(device: torch.device, dtype: torch.dtype) -> PromptExpander:
     return PromptExpander(model, tiny_tokenizer(), "Qwen3-4B (random)", compile_decoding=True)
 
 
+def expander_over(encoder: torch.nn.Module, tokenizer: object, seed: int = 0) -> PromptExpander:
+    """An expander that is `encoder` but for a random last-layer MLP (up and down projections), as
+    Qwen3-4B is to Z-Image's encoder, sharing every other tensor: what the worker builds at start
+    (src/model/expander_weights.py), without a file. For the GPU benchmark's modes section."""
+    config = Qwen3Config(**{**encoder.config.to_dict(), "tie_word_embeddings": True})
+    state = dict(encoder.named_parameters())
+    last = config.num_hidden_layers - 1
+    generator = torch.Generator(encoder.device).manual_seed(seed)
+    for name in (f"layers.{last}.mlp.up_proj.weight", f"layers.{last}.mlp.down_proj.weight"):
+        own = state[name]
+        noise = torch.randn(own.shape, generator=generator, device=own.device, dtype=own.dtype) * 0.02
+        state[name] = torch.nn.Parameter(noise, requires_grad=False)
+    model = assemble_causal_lm(config, encoder, state, encoder.dtype)
+    return PromptExpander(model, tokenizer, "random expander", compile_decoding=True)
+
+
 def time_rewrites(
     expander: PromptExpander, prompt_tokens: int, tokens: int, repeats: int
 ) -> dict[str, float]:
-    """Median prefill ms, ms per new token and ms for the whole rewrite."""
+    """Median prefill ms, ms per new token and ms for the whole rewrite (the expander is left as it was)."""
+    stop_ids, max_new_tokens = expander.stop_ids, expander.max_new_tokens
+    try:
+        return _time_rewrites(expander, prompt_tokens, tokens, repeats)
+    finally:
+        expander.stop_ids, expander.max_new_tokens = stop_ids, max_new_tokens
+
+
+def _time_rewrites(
+    expander: PromptExpander, prompt_tokens: int, tokens: int, repeats: int
+) -> dict[str, float]:
     expander.stop_ids = set()  # exactly `tokens` new tokens every time
     expander.max_new_tokens = tokens
     vocab = expander.model.config.vocab_size
@@ -101,7 +127,7 @@ def time_rewrites(
         assert len(produced) == n_new
         return (time.perf_counter() - start) * 1000
 
-    for _ in range(2):  # warm-up: allocator, kernels, and the compile on CUDA
+    for _ in range(2 if expander.device.type == "cuda" else 1):  # allocator, kernels; CUDA: compile, graphs
         timed(tokens)
     prefill = statistics.median(timed(1) for _ in range(repeats))
     whole = statistics.median(timed(tokens) for _ in range(repeats))

@@ -138,7 +138,7 @@ def load_expander_model(folder: Path, encoder: Qwen3Model, encoder_folder: Path 
         log.warning("prompt expander %s: no tensor equals the text encoder's: loaded whole", folder)
         return _load_whole(folder, device, dtype)
 
-    causal = _assemble(config, encoder, state, dtype)
+    causal = assemble_causal_lm(config, encoder, state, dtype)
     log.info(
         "prompt expander %s: %d tensors are the text encoder's (%d by file, %d compared), "
         "%d loaded (%.1f MB)",
@@ -152,10 +152,11 @@ def load_expander_model(folder: Path, encoder: Qwen3Model, encoder_folder: Path 
     return causal
 
 
-def _assemble(
+def assemble_causal_lm(
     config: object, encoder: Qwen3Model, state: dict[str, torch.Tensor], dtype: torch.dtype
 ) -> Qwen3ForCausalLM:
-    """A Qwen3ForCausalLM made of the given tensors (no allocation of its own)."""
+    """A Qwen3ForCausalLM made of the given tensors (no allocation of its own): `state` maps each
+    Qwen3Model tensor name (and `lm_head.weight` when untied) to the encoder's Parameter or another."""
     config.dtype = dtype
     with torch.device("meta"):
         causal = Qwen3ForCausalLM(config)
