@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 from collections import OrderedDict
 from collections.abc import Callable
@@ -130,6 +131,12 @@ class PromptExpander:
         self._compiled_step: Step | None = None
         self._static_cache: StaticCache | None = None
         if self._static:
+            # On disk, as for the transformer's compile (src/model/pipeline.py): a restarted worker
+            # reads the kernels instead of compiling them again.
+            volume = Path("/runpod-volume")
+            cache = (volume if volume.is_dir() else Path.home() / ".cache") / "zimage-compile-cache"
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
+            os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
             self._compiled_step = torch.compile(self._step, mode="reduce-overhead", fullgraph=True)
 
     @classmethod
