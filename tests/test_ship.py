@@ -364,13 +364,24 @@ def test_hub_test_input_is_a_valid_request(test):
 
 
 @pytest.mark.parametrize("test", HUB_TESTS["tests"], ids=lambda test: test["name"])
-def test_hub_test_succeeds_on_the_worker(test, worker):
+def test_hub_test_succeeds_on_the_worker(test, worker, tiny_model, tmp_path_factory):
     """The real worker on the tiny model: what the Hub checks (a completed job), minus the GPU."""
+    if test["input"].get("enable_prompt_expansion"):
+        # The Hub's worker has the image's expander (PROMPT_EXPANDER_MODEL=Qwen/Qwen3-4B): a tiny one.
+        from builder.tiny_model import build_tiny_expander
+        from src.jobs.worker import Worker
+
+        expander = build_tiny_expander(tiny_model, tmp_path_factory.mktemp("expander") / "tiny-qwen3")
+        settings = Settings(
+            model=str(tiny_model), safety_checker_model="none", prompt_expander_model=str(expander)
+        )
+        worker = Worker.start(settings)
     # Fewer steps than the request's 8 keep this at a few seconds on a CPU; everything else is as sent.
     output = handle_job(
         worker, {"id": f"hub-{test['name']}", "input": test["input"] | {"num_inference_steps": 2}}
     )
     assert "error" not in output, output
+    assert ("expanded_prompt" in output) == bool(test["input"].get("enable_prompt_expansion"))
     image = decode_data_uri(output["image_url"])
     request = parse_request(test["input"])
     assert image.size == (request.width, request.height)
