@@ -553,6 +553,14 @@ def _bake_expander(args: argparse.Namespace, turbo: Path, turbo_commit: str | No
             args.expander_repo, args.expander_revision, args.retries, args.endpoint, kind="causal_lm"
         )
         linked = same_weights(lm_ids, turbo_ids)
+        for name in sorted(n for n in lm_ids if n.endswith(".safetensors") and n not in linked):
+            # The fact the worker's sharing rests on, checked at build: which weights differ.
+            log.info(
+                "%s: %s differs from every file of %s's text encoder: fetched",
+                args.expander_repo,
+                name,
+                args.zimage_repo,
+            )
     download(
         args.expander_repo, revision, folder, "causal_lm", args.retries, args.endpoint, skip=list(linked)
     )

@@ -636,6 +636,9 @@ def test_main_bakes_only_the_expanders_differing_files_and_links_the_rest(tiny_m
     link = folder / "model-00001-of-00002.safetensors"
     assert link.is_symlink() and os.readlink(link) == "../Z-Image-Turbo/text_encoder/model.safetensors"
     assert missing_expander_files(folder) == []
+    assert (
+        f"model-00002-of-00002.safetensors differs from every file of {ZIMAGE}'s text encoder" in caplog.text
+    )
     # The worker then shares what the link points at without reading it, compares shard 2 and
     # loads its two differing tensors only.
     pipe = ZImagePipeline.from_pretrained(turbo, dtype=torch.float32, local_files_only=True)
