@@ -48,6 +48,10 @@ RUN pip install --no-cache-dir --require-hashes --no-deps -r /tmp/worker-cuda.tx
 #    text encoder, tokenizer and VAE, where the Hub lists the same files as Turbo's, are links
 #    to Turbo's folders, not a second copy), about 20.5 GB alone (BAKE_WEIGHTS=safety or
 #    ZIMAGE_REPO=none); none: no base.
+#    PROMPT_EXPANDER_REPO bakes the prompt expander (enable_prompt_expansion): with Turbo baked,
+#    only its files whose Hub sha256 differs from Turbo's text encoder's are fetched (Qwen3-4B:
+#    about 0.1 GB), the rest are links to Turbo's files; without Turbo (BAKE_WEIGHTS=safety) it
+#    is fetched whole (8 GB). none: no expander, and PROMPT_EXPANDER_MODEL=none.
 #    CONTROLNET_REPO bakes one single-file ControlNet release (CONTROLNET_FILE, default
 #    <repo name>.safetensors; 2.1 is 6.7 GB) and DEPTH_REPO beside it; none: no control.
 ARG ZIMAGE_REPO=Tongyi-MAI/Z-Image-Turbo
@@ -62,6 +66,8 @@ ARG CONTROLNET_FILE=
 ARG CONTROLNET_REVISION=
 ARG DEPTH_REPO=depth-anything/Depth-Anything-V2-Small-hf
 ARG DEPTH_REVISION=
+ARG PROMPT_EXPANDER_REPO=Qwen/Qwen3-4B
+ARG PROMPT_EXPANDER_REVISION=
 COPY builder/download_weights.py /opt/builder/download_weights.py
 RUN case "$BAKE_WEIGHTS" in \
       1) python /opt/builder/download_weights.py --dest /models \
@@ -70,13 +76,15 @@ RUN case "$BAKE_WEIGHTS" in \
            --base-repo "$ZIMAGE_BASE_REPO" --base-revision "$ZIMAGE_BASE_REVISION" \
            --controlnet-repo "$CONTROLNET_REPO" --controlnet-file "$CONTROLNET_FILE" \
            --controlnet-revision "$CONTROLNET_REVISION" \
-           --depth-repo "$DEPTH_REPO" --depth-revision "$DEPTH_REVISION" ;; \
+           --depth-repo "$DEPTH_REPO" --depth-revision "$DEPTH_REVISION" \
+           --expander-repo "$PROMPT_EXPANDER_REPO" --expander-revision "$PROMPT_EXPANDER_REVISION" ;; \
       safety) python /opt/builder/download_weights.py --dest /models --zimage-repo none \
            --safety-repo "$SAFETY_REPO" --safety-revision "$SAFETY_REVISION" \
            --base-repo "$ZIMAGE_BASE_REPO" --base-revision "$ZIMAGE_BASE_REVISION" \
            --controlnet-repo "$CONTROLNET_REPO" --controlnet-file "$CONTROLNET_FILE" \
            --controlnet-revision "$CONTROLNET_REVISION" \
-           --depth-repo "$DEPTH_REPO" --depth-revision "$DEPTH_REVISION" ;; \
+           --depth-repo "$DEPTH_REPO" --depth-revision "$DEPTH_REVISION" \
+           --expander-repo "$PROMPT_EXPANDER_REPO" --expander-revision "$PROMPT_EXPANDER_REVISION" ;; \
       0) echo "BAKE_WEIGHTS=0: no weights in the image (Runpod cached models or a network volume)" ;; \
       *) echo "BAKE_WEIGHTS must be 1, safety or 0, got '$BAKE_WEIGHTS'" >&2; exit 1 ;; \
     esac
@@ -89,6 +97,7 @@ ENV ZIMAGE_MODEL=$ZIMAGE_REPO \
     SAFETY_CHECKER_MODEL=$SAFETY_REPO \
     CONTROLNET_MODEL=$CONTROLNET_REPO \
     DEPTH_MODEL=$DEPTH_REPO \
+    PROMPT_EXPANDER_MODEL=$PROMPT_EXPANDER_REPO \
     HF_HUB_OFFLINE=1 \
     HF_HUB_DISABLE_TELEMETRY=1
 

@@ -151,6 +151,37 @@ def random_base(worker: Worker) -> dict[str, Any]:
     return {"transformer": "random, Turbo's config", "params": params, "build_s": round(built_s, 1)}
 
 
+def random_expander(worker: Worker) -> dict[str, Any]:
+    """Give the worker a prompt expander over its own text encoder (Qwen3-4B's shapes, random).
+
+    As src/model/expander_weights.py builds it from Qwen/Qwen3-4B: every tensor the encoder's but
+    the last layer's MLP up and down projections, the head tied to the embeddings (so ~0.1 GB
+    more). Timed first through the worker's own loop (benchmarks/expansion.py): on CUDA a
+    300-token prompt, then exactly 200 new tokens; the compile of the one-token step happens there.
+    """
+    from benchmarks.expansion import expander_over, time_rewrites
+
+    generator = worker.generator
+    start = time.perf_counter()
+    expander = expander_over(generator.text_encoder, generator.text_to_image.tokenizer)
+    # gpu.sh --tiny (the CPU): the row's shape in a second or two, not the GPU's 200 tokens.
+    prompt_tokens, tokens, repeats = (300, 200, 3) if generator.device.type == "cuda" else (30, 20, 1)
+    figures = time_rewrites(expander, prompt_tokens=prompt_tokens, tokens=tokens, repeats=repeats)
+    if generator.device.type != "cuda":
+        expander.max_new_tokens = tokens  # the tiny random model's job rewrites, as short
+    worker.expander = expander
+    config = expander.model.config
+    return {
+        "expander": f"random, {config.num_hidden_layers} layers x {config.hidden_size}, sharing the encoder",
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": tokens,
+        "prefill_ms": round(figures["prefill_ms"], 1),
+        "ms_per_new_token": round(figures["ms_per_token"], 2),
+        "rewrite_ms": round(figures["rewrite_ms"], 1),
+        "build_and_time_s": round(time.perf_counter() - start, 1),
+    }
+
+
 def newer_modes(image: str, width: int, height: int) -> list[Mode]:
     """Each mode added after text-to-image, in the order the modes section runs them."""
     missing = "not in this version: the request model has no `{}` field"
@@ -207,6 +238,15 @@ def newer_modes(image: str, width: int, height: int) -> list[Mode]:
             "base acceleration high",
             {**base_job, "acceleration": "high"},
             no_base or no_acceleration,
+            runs=1,
+        ),
+        Mode(
+            # Last: it compiles the expander's step (CUDA), so a box cut leaves every other row. The
+            # job's expand_prompt_ms is a random model's rewrite, of whatever length it samples.
+            "prompt expansion",
+            {"enable_prompt_expansion": True},
+            None if has_field("enable_prompt_expansion") else missing.format("enable_prompt_expansion"),
+            random_expander,
             runs=1,
         ),
     ]

@@ -3,7 +3,8 @@
     python builder/download_weights.py --dest /models \\
         --zimage-repo Tongyi-MAI/Z-Image-Turbo --zimage-revision <commit> \\
         --safety-repo Falconsai/nsfw_image_detection --safety-revision <commit> \\
-        [--base-repo Tongyi-MAI/Z-Image --base-revision <commit>]
+        [--base-repo Tongyi-MAI/Z-Image --base-revision <commit>] \\
+        [--expander-repo Qwen/Qwen3-4B --expander-revision <commit>]
 
 Writes /models/<repo name> for each repo, where src/model/files.py looks for baked weights.
 Only safetensors and the configs and tokenizer files that `from_pretrained` reads are
@@ -21,6 +22,12 @@ The undistilled base Z-Image (`--base-repo`) is baked the same way, but the comp
 may share with Turbo (text encoder, tokenizer, VAE: 8 GB) are compared on the Hub first,
 file by file; the ones that are the same are not fetched again, and the base's folder links
 to Turbo's (the worker then loads them once, for both models).
+
+The prompt expander (`--expander-repo`, a Qwen3 causal LM) is baked the same way, file by file:
+each of its safetensors whose Hub sha256 is that of a file of Turbo's text encoder is not
+fetched but linked to that file (for Qwen/Qwen3-4B beside Z-Image-Turbo, by public hashes,
+shards 1 and 2 of 3), so the worker shares those tensors without reading them
+(src/model/expander_weights.py); the other files are fetched.
 """
 
 from __future__ import annotations
@@ -58,6 +65,8 @@ CLASSIFIER_PATTERNS = ["config.json", "preprocessor_config.json", "*.safetensors
 # A diffusers-format ControlNet (`ZImageControlNetModel.from_pretrained`); alibaba-pai's repos
 # instead hold several single-file releases, of which `--controlnet-file` picks one.
 CONTROLNET_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json"]
+# What `AutoConfig`, `AutoTokenizer` and the expander's safetensors loading read from a causal LM.
+CAUSAL_LM_PATTERNS = ["*.json", "merges.txt", "*.jinja", "*.safetensors"]
 # Never fetched, even where an allow pattern such as "tokenizer/*" would match: pickles run
 # code when loaded, and the other formats are not read by this worker.
 NEVER = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.onnx", "*.onnx_data", "*.gguf", "*.msgpack", "*.h5"]
@@ -118,6 +127,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--depth-revision", type=_revision, default=None, help="branch, tag or commit")
     parser.add_argument(
+        "--expander-repo",
+        type=_none_if_empty,
+        default="none",
+        help="the prompt expander, a Qwen3 causal LM repo id (Qwen/Qwen3-4B), or 'none' (the default); "
+        "its safetensors that are files of --zimage-repo's text encoder are linked, not fetched",
+    )
+    parser.add_argument("--expander-revision", type=_revision, default=None, help="branch, tag or commit")
+    parser.add_argument(
         "--bf16-components",
         nargs="*",
         default=list(BF16_COMPONENTS),
@@ -128,17 +145,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--endpoint", default=None, help="Hub address (default: HF_ENDPOINT or huggingface.co)"
     )
     args = parser.parse_args(argv)
-    for option in ("zimage_repo", "base_repo", "safety_repo", "controlnet_repo", "depth_repo"):
+    for option in (
+        "zimage_repo",
+        "base_repo",
+        "safety_repo",
+        "controlnet_repo",
+        "depth_repo",
+        "expander_repo",
+    ):
         repo = getattr(args, option)
         if repo.lower() != "none" and repo.count("/") != 1:
             parser.error(
                 f"--{option.replace('_', '-')}: {repo!r} is not a repo id of the form Org/Name (or none)"
             )
-    repos = (args.zimage_repo, args.safety_repo, args.controlnet_repo, args.base_repo)
+    repos = (args.zimage_repo, args.safety_repo, args.controlnet_repo, args.base_repo, args.expander_repo)
     if all(repo.lower() == "none" for repo in repos):
         parser.error(
             "--zimage-repo and --safety-repo are both 'none': there is nothing to bake "
-            "(and no --controlnet-repo or --base-repo)"
+            "(and no --controlnet-repo, --base-repo or --expander-repo)"
         )
     turbo_name, base_name = (repo.split("/")[-1].lower() for repo in (args.zimage_repo, args.base_repo))
     if base_name != "none" and base_name == turbo_name:
@@ -169,9 +193,12 @@ def allow_patterns(kind: str, file: str | None = None) -> list[str]:
         "pipeline": PIPELINE_PATTERNS,
         "classifier": CLASSIFIER_PATTERNS,
         "controlnet": CONTROLNET_PATTERNS,
+        "causal_lm": CAUSAL_LM_PATTERNS,
     }
     if kind not in patterns:
-        raise ValueError(f"kind: {kind!r} is not allowed: use 'pipeline', 'classifier' or 'controlnet'")
+        raise ValueError(
+            f"kind: {kind!r} is not allowed: use 'pipeline', 'classifier', 'controlnet' or 'causal_lm'"
+        )
     if kind == "controlnet" and file is not None:
         if not file.endswith(".safetensors") or "/" in file or ".." in file:
             raise ValueError(f"file: {file!r} is not allowed: name one .safetensors file at the repo's root")
@@ -184,7 +211,8 @@ def selected_files(
 ) -> list[str]:
     """Which of a repo's file names `download` fetches (the filter snapshot_download applies).
 
-    `skip` names component folders left out (those the base links to Turbo's).
+    `skip` names component folders left out (those the base links to Turbo's), or single
+    .safetensors files (those the expander links to Turbo's text encoder's).
     """
     from huggingface_hub.utils import filter_repo_objects
 
@@ -194,7 +222,7 @@ def selected_files(
 
 
 def _ignore_patterns(skip: Sequence[str]) -> list[str]:
-    return [*NEVER, *(f"{component}/*" for component in skip)]
+    return [*NEVER, *(name if name.endswith(".safetensors") else f"{name}/*" for name in skip)]
 
 
 class IncompleteDownload(RuntimeError):
@@ -259,8 +287,9 @@ def file_ids(
     retries: int = 5,
     endpoint: str | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    kind: str = "pipeline",
 ) -> tuple[str, dict[str, str | None]]:
-    """The commit `revision` names, and for each pipeline file `download` would fetch, what the
+    """The commit `revision` names, and for each `kind` file `download` would fetch, what the
     Hub says its content is: the sha256 of an LFS file (the weights), else its git blob id.
 
     None where the Hub gave neither: such a file is never taken for the same as another.
@@ -273,7 +302,7 @@ def file_ids(
         info = api.model_info(repo_id, revision=revision, files_metadata=True)
         siblings = {sibling.rfilename: sibling for sibling in info.siblings or []}
         ids = {}
-        for name in selected_files(siblings, "pipeline"):
+        for name in selected_files(siblings, kind):
             sibling = siblings[name]
             ids[name] = sibling.lfs.sha256 if sibling.lfs else sibling.blob_id
         return str(info.sha), ids
@@ -292,6 +321,26 @@ def shared_components(turbo: dict[str, str | None], base: dict[str, str | None])
         if ours and ours == theirs and None not in ours.values():
             shared.append(component)
     return shared
+
+
+def same_weights(lm: dict[str, str | None], turbo: dict[str, str | None]) -> dict[str, str]:
+    """Each of the expander's safetensors with the sha256 of a file of Turbo's text encoder: that file."""
+    encoder = {
+        id_: name
+        for name, id_ in turbo.items()
+        if name.startswith("text_encoder/") and name.endswith(".safetensors") and id_
+    }
+    return {
+        name: encoder[id_] for name, id_ in lm.items() if name.endswith(".safetensors") and id_ in encoder
+    }
+
+
+def link_file(link: Path, target: Path) -> None:
+    """Make `link` a relative symlink to the file `target` (both under /models)."""
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(os.path.relpath(target, link.parent))
 
 
 def link_component(link: Path, target: Path) -> None:
@@ -466,12 +515,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not _convert(base, [c for c in args.bf16_components if c not in shared]):
             return 1
 
-    # 3. The safety checker, as published (0.2 GB: not worth a conversion).
+    # 3. The prompt expander: its files that are Turbo's text encoder's are links to them.
+    if args.expander_repo.lower() != "none":
+        _bake_expander(args, turbo, turbo_commit)
+
+    # 4. The safety checker, as published (0.2 GB: not worth a conversion).
     if args.safety_repo.lower() != "none":
         checker = repo_folder(args.dest, args.safety_repo)
         download(args.safety_repo, args.safety_revision, checker, "classifier", args.retries, args.endpoint)
 
-    # 4. The ControlNet (one release file, as published: bf16), and the depth model beside it.
+    # 5. The ControlNet (one release file, as published: bf16), and the depth model beside it.
     if args.controlnet_repo.lower() != "none":
         name = args.controlnet_repo.split("/")[-1]
         file = args.controlnet_file or f"{name}.safetensors"
@@ -489,6 +542,39 @@ def main(argv: Sequence[str] | None = None) -> int:
             depth = repo_folder(args.dest, args.depth_repo)
             download(args.depth_repo, args.depth_revision, depth, "classifier", args.retries, args.endpoint)
     return 0
+
+
+def _bake_expander(args: argparse.Namespace, turbo: Path, turbo_commit: str | None) -> None:
+    folder, revision, linked = repo_folder(args.dest, args.expander_repo), args.expander_revision, {}
+    # A text encoder rewritten in bf16 is no longer the Hub's file: nothing is linked to it then.
+    if turbo_commit is not None and "text_encoder" not in args.bf16_components:
+        _, turbo_ids = file_ids(args.zimage_repo, turbo_commit, args.retries, args.endpoint)
+        revision, lm_ids = file_ids(
+            args.expander_repo, args.expander_revision, args.retries, args.endpoint, kind="causal_lm"
+        )
+        linked = same_weights(lm_ids, turbo_ids)
+        for name in sorted(n for n in lm_ids if n.endswith(".safetensors") and n not in linked):
+            # The fact the worker's sharing rests on, checked at build: which weights differ.
+            log.info(
+                "%s: %s differs from every file of %s's text encoder: fetched",
+                args.expander_repo,
+                name,
+                args.zimage_repo,
+            )
+    download(
+        args.expander_repo, revision, folder, "causal_lm", args.retries, args.endpoint, skip=list(linked)
+    )
+    for name, target in linked.items():
+        link_file(folder / name, turbo / target)
+        log.info(
+            "%s: %s is %s's %s (same sha256 on the Hub): linked",
+            args.expander_repo,
+            name,
+            args.zimage_repo,
+            target,
+        )
+    if not linked:
+        log.info("%s: no file is %s's text encoder's: fetched whole", args.expander_repo, args.zimage_repo)
 
 
 if __name__ == "__main__":

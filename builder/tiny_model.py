@@ -26,6 +26,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
     Qwen2Tokenizer,
     Qwen3Config,
+    Qwen3ForCausalLM,
     Qwen3Model,
     ViTConfig,
     ViTForImageClassification,
@@ -146,6 +147,26 @@ def build_tiny_base(turbo: str | Path, path: str | Path, seed: int = 7) -> Path:
     shutil.copytree(turbo, path)
     shutil.rmtree(path / "transformer")
     tiny_pipeline(seed).transformer.save_pretrained(path / "transformer", safe_serialization=True)
+    return path
+
+
+def build_tiny_expander(turbo: str | Path, path: str | Path, seed: int = 11) -> Path:
+    """What Qwen/Qwen3-4B is to Z-Image-Turbo's text encoder, at toy size: a Qwen3ForCausalLM with
+    the encoder's weights, its head tied to the embeddings, and another last-layer MLP (up and
+    down projections), saved with Turbo's tokenizer."""
+    turbo, path = Path(turbo), Path(path)
+    encoder = Qwen3Model.from_pretrained(turbo / "text_encoder", dtype=torch.float32)
+    config = Qwen3Config(**{**encoder.config.to_dict(), "tie_word_embeddings": True})
+    config.architectures = ["Qwen3ForCausalLM"]
+    causal = Qwen3ForCausalLM(config)
+    causal.model.load_state_dict(encoder.state_dict())
+    torch.manual_seed(seed)
+    mlp = causal.model.layers[-1].mlp
+    with torch.no_grad():
+        mlp.up_proj.weight.normal_(0.0, 0.5)
+        mlp.down_proj.weight.normal_(0.0, 0.5)
+    causal.save_pretrained(path, safe_serialization=True)
+    Qwen2Tokenizer.from_pretrained(turbo / "tokenizer").save_pretrained(path)
     return path
 
 

@@ -591,3 +591,71 @@ def test_a_base_without_turbo_is_baked_whole(hub, tiny_model, tmp_path):
     assert hub.fetched(BASE) == set(folder_files(tiny_model)) and hub.fetched(ZIMAGE) == set()
     assert missing_pipeline_files(base) == []
     assert dtypes(base / "transformer") == {"torch.bfloat16"}
+
+
+# ------------------------------------------------------------------------ the prompt expander
+EXPANDER = "Qwen/Qwen3-4B"
+
+
+def expander_files(tiny_model: Path, tmp_path: Path) -> dict[str, bytes]:
+    """The expander as Qwen3-4B is published beside Z-Image-Turbo, at toy size: shard 1 is byte for
+    byte a file of Turbo's text encoder, shard 2 holds the last layer's MLP: its up and down
+    projections differ, its gate projection is the encoder's (so shard 2 is compared, not linked)."""
+    from builder.tiny_model import build_tiny_expander
+
+    folder = build_tiny_expander(tiny_model, tmp_path / "tiny-qwen3")
+    own = load((folder / "model.safetensors").read_bytes())
+    differing = {name: own[name] for name in own if name.startswith("model.layers.1.mlp.")}
+    encoder_file = (tiny_model / "text_encoder" / "model.safetensors").read_bytes()
+    weight_map = {f"model.{name}": "model-00001-of-00002.safetensors" for name in load(encoder_file)}
+    weight_map |= dict.fromkeys(differing, "model-00002-of-00002.safetensors")
+    files = {name: body for name, body in folder_files(folder).items() if not name.endswith(".safetensors")}
+    return files | {
+        "model-00001-of-00002.safetensors": encoder_file,
+        "model-00002-of-00002.safetensors": save(differing),
+        "model.safetensors.index.json": json.dumps({"metadata": {}, "weight_map": weight_map}).encode(),
+        "pytorch_model.bin": b"pickle",
+    }
+
+
+def test_main_bakes_only_the_expanders_differing_files_and_links_the_rest(tiny_model, tmp_path, caplog):
+    from src.model.expander_weights import load_expander_model, missing_expander_files
+
+    caplog.set_level("INFO")
+    server = LoopbackHub({ZIMAGE: folder_files(tiny_model), EXPANDER: expander_files(tiny_model, tmp_path)})
+    dest = tmp_path / "models"
+    try:
+        args = ["--safety-repo", "none", "--expander-repo", EXPANDER]
+        assert dw.main(["--dest", str(dest), "--endpoint", server.url, *args]) == 0
+        fetched = server.fetched(EXPANDER)
+    finally:
+        server.close()
+    folder, turbo = dest / "Qwen3-4B", dest / "Z-Image-Turbo"
+    assert "model-00002-of-00002.safetensors" in fetched and "config.json" in fetched
+    assert "model-00001-of-00002.safetensors" not in fetched and "pytorch_model.bin" not in fetched
+    link = folder / "model-00001-of-00002.safetensors"
+    assert link.is_symlink() and os.readlink(link) == "../Z-Image-Turbo/text_encoder/model.safetensors"
+    assert missing_expander_files(folder) == []
+    assert (
+        f"model-00002-of-00002.safetensors differs from every file of {ZIMAGE}'s text encoder" in caplog.text
+    )
+    # The worker then shares what the link points at without reading it, compares shard 2 and
+    # loads its two differing tensors only.
+    pipe = ZImagePipeline.from_pretrained(turbo, dtype=torch.float32, local_files_only=True)
+    causal = load_expander_model(folder, pipe.text_encoder, turbo / "text_encoder")
+    assert "22 tensors are the text encoder's (21 by file, 1 compared), 2 loaded" in caplog.text
+    own = {p.data_ptr() for p in pipe.text_encoder.parameters()}
+    assert len({p.data_ptr() for p in causal.parameters()} - own) == 2
+
+
+def test_an_expander_without_turbo_is_baked_whole(tiny_model, tmp_path):
+    files = expander_files(tiny_model, tmp_path)
+    server = LoopbackHub({EXPANDER: files})
+    try:
+        args = ["--zimage-repo", "none", "--safety-repo", "none", "--expander-repo", EXPANDER]
+        assert dw.main(["--dest", str(tmp_path / "models"), "--endpoint", server.url, *args]) == 0
+        fetched = server.fetched(EXPANDER)
+    finally:
+        server.close()
+    assert fetched == set(files) - {"pytorch_model.bin"}
+    assert not [p for p in (tmp_path / "models" / "Qwen3-4B").iterdir() if p.is_symlink()]

@@ -110,6 +110,7 @@ near_rules = {
     "control_scale": st.floats(-0.5, 2.5) | st.sampled_from([0, 2, "1", True, math.nan]),
     "model": st.sampled_from(["z-image-turbo", "z-image", "Z-Image", "", "flux", None, 1, ["z-image"]]),
     "acceleration": st.sampled_from(["none", "regular", "high", "HIGH", "fast", "", None, 2, ["high"]]),
+    "enable_prompt_expansion": st.sampled_from([True, False, "true", "false", 0, 1, None]),
 }
 field_values = st.sampled_from(list(FIELDS)).flatmap(
     lambda name: st.tuples(st.just(name), near_rules[name] | json_values)
@@ -246,6 +247,9 @@ def test_local_api_answers_every_generated_body(api, raw):
     elif reply["status"] == "FAILED" and "control_image" in job_input:
         # This worker has no ControlNet: every control job is refused, naming the field.
         assert reply["error"].startswith("control_image: this worker has no ControlNet"), reply
+    elif reply["status"] == "FAILED" and job_input.get("enable_prompt_expansion") is True:
+        # This worker has no prompt expander: every other expansion job is refused, naming the field.
+        assert reply["error"].startswith("enable_prompt_expansion: this worker has no prompt expander"), reply
     elif reply["status"] == "FAILED" and job_input.get("loras") and reply["error"].startswith("loras["):
         # A LoRA file name that no LORA_DIRS folder holds, or a private URL the SSRF rules refuse.
         assert "was not found in LORA_DIRS" in reply["error"] or " is refused: " in reply["error"], reply

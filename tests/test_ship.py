@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -134,10 +135,13 @@ def test_the_download_script_stands_alone():
     assert not {m for m in modules if m.split(".")[0] in ("src", "builder", "handler")}
 
 
+def build_arg_defaults() -> dict[str, str | None]:
+    """Each ARG's default: "NAME=default" or "NAME" (None)."""
+    return dict((arg.split("=", 1) + [None])[:2] for op, arg in instructions() if op == "ARG")
+
+
 def test_build_args_and_their_defaults():
-    args = dict(
-        (arg.split("=", 1) + [None])[:2] for op, arg in instructions() if op == "ARG"
-    )  # "NAME=default" or "NAME"
+    args = build_arg_defaults()
     assert args["ZIMAGE_REPO"] == "Tongyi-MAI/Z-Image-Turbo" == Settings().model
     assert args["SAFETY_REPO"] == "Falconsai/nsfw_image_detection" == Settings().safety_checker_model
     assert args["ZIMAGE_REVISION"] == "" and args["SAFETY_REVISION"] == ""  # pinnable; empty = main
@@ -149,6 +153,9 @@ def test_build_args_and_their_defaults():
         assert f'"${name}"' in weights
     # The base is passed in both baking branches (with `safety`, Turbo comes from Runpod's cache).
     assert weights.count('--base-repo "$ZIMAGE_BASE_REPO" --base-revision "$ZIMAGE_BASE_REVISION"') == 2
+    assert args["PROMPT_EXPANDER_REPO"] == "Qwen/Qwen3-4B" and args["PROMPT_EXPANDER_REVISION"] == ""
+    expander = '--expander-repo "$PROMPT_EXPANDER_REPO" --expander-revision "$PROMPT_EXPANDER_REVISION"'
+    assert weights.count(expander) == 2
     assert "--dest /models " in weights
 
 
@@ -156,6 +163,7 @@ def test_the_image_serves_the_models_it_was_built_with():
     (env,) = [args.split() for op, args in instructions() if op == "ENV" and "HF_HUB_OFFLINE=1" in args]
     assert {"ZIMAGE_MODEL=$ZIMAGE_REPO", "ZIMAGE_BASE_MODEL=$ZIMAGE_BASE_REPO"} <= set(env)
     assert {"SAFETY_CHECKER_MODEL=$SAFETY_REPO", "CONTROLNET_MODEL=$CONTROLNET_REPO"} <= set(env)
+    assert "PROMPT_EXPANDER_MODEL=$PROMPT_EXPANDER_REPO" in env
 
 
 def run_weights_step(hub, tmp_path: Path, **build_args: str) -> Path:
@@ -291,7 +299,9 @@ def test_hub_inputs_are_well_formed_and_their_defaults_are_valid_settings():
             assert field["min"] <= field["default"] <= field["max"], key
     defaults = {key: str(field["default"]) for key, field in hub_inputs().items() if "default" in field}
     settings = Settings.from_env(defaults)
-    assert settings == Settings()  # the Hub's defaults are the worker's own
+    # The Hub's defaults are the worker's own, but for what the image sets: its baked expander.
+    expander = build_arg_defaults()["PROMPT_EXPANDER_REPO"]
+    assert settings == replace(Settings(), prompt_expander_model=expander) and expander == "Qwen/Qwen3-4B"
 
 
 def test_hub_presets_set_only_offered_variables_to_valid_values():
@@ -354,13 +364,24 @@ def test_hub_test_input_is_a_valid_request(test):
 
 
 @pytest.mark.parametrize("test", HUB_TESTS["tests"], ids=lambda test: test["name"])
-def test_hub_test_succeeds_on_the_worker(test, worker):
+def test_hub_test_succeeds_on_the_worker(test, worker, tiny_model, tmp_path_factory):
     """The real worker on the tiny model: what the Hub checks (a completed job), minus the GPU."""
+    if test["input"].get("enable_prompt_expansion"):
+        # The Hub's worker has the image's expander (PROMPT_EXPANDER_MODEL=Qwen/Qwen3-4B): a tiny one.
+        from builder.tiny_model import build_tiny_expander
+        from src.jobs.worker import Worker
+
+        expander = build_tiny_expander(tiny_model, tmp_path_factory.mktemp("expander") / "tiny-qwen3")
+        settings = Settings(
+            model=str(tiny_model), safety_checker_model="none", prompt_expander_model=str(expander)
+        )
+        worker = Worker.start(settings)
     # Fewer steps than the request's 8 keep this at a few seconds on a CPU; everything else is as sent.
     output = handle_job(
         worker, {"id": f"hub-{test['name']}", "input": test["input"] | {"num_inference_steps": 2}}
     )
     assert "error" not in output, output
+    assert ("expanded_prompt" in output) == bool(test["input"].get("enable_prompt_expansion"))
     image = decode_data_uri(output["image_url"])
     request = parse_request(test["input"])
     assert image.size == (request.width, request.height)
@@ -468,3 +489,21 @@ def test_the_deploy_guides_first_call_is_a_valid_request():
     parse_request(json.loads(body)["input"])
     for other in re.findall(r"-d '(\{.*?\})'", README):  # the other curl examples too
         parse_request(json.loads(other)["input"])
+
+
+def test_the_weights_step_bakes_the_expanders_differing_files_beside_turbo(tiny_model, never_flags, tmp_path):
+    repos = {
+        test_builder.ZIMAGE: test_builder.folder_files(tiny_model),
+        test_builder.CHECKER: test_builder.folder_files(never_flags),
+        test_builder.EXPANDER: test_builder.expander_files(tiny_model, tmp_path),
+    }
+    hub = test_builder.LoopbackHub(repos)
+    try:
+        models = run_weights_step(hub, tmp_path, BAKE_WEIGHTS="1", PROMPT_EXPANDER_REPO=test_builder.EXPANDER)
+    finally:
+        hub.close()
+    folder = repo_folder(
+        models, test_builder.EXPANDER
+    )  # where PROMPT_EXPANDER_MODEL=$PROMPT_EXPANDER_REPO looks
+    assert folder == models / "Qwen3-4B"
+    assert {p.name for p in folder.iterdir() if p.is_symlink()} == {"model-00001-of-00002.safetensors"}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from diffusers import ZImageControlNetModel, ZImagePipeline
@@ -16,6 +17,8 @@ from src.control.preprocess import DepthEstimator
 from src.lora.adapters import LoraAdapters
 from src.lora.files import LoraFiles
 from src.model.acceleration import COMPILED_NOTE
+from src.model.expander import PromptExpander
+from src.model.expander_weights import load_expander_model, missing_expander_files
 from src.model.files import SearchRoots, missing_classifier_files, resolve_model
 from src.model.pipeline import ZImageGenerator
 from src.model.safety import SafetyChecker
@@ -104,6 +107,21 @@ def load_safety(
         settings.safety_checker_model, missing_classifier_files, "SAFETY_CHECKER_MODEL", roots
     )
     return SafetyChecker.load(folder, settings.safety_threshold, device, dtype)
+
+
+def load_expander(
+    settings: Settings, roots: SearchRoots, models: dict[str, ServedModel]
+) -> PromptExpander | None:
+    """The prompt expander, sharing every tensor it has in common with the loaded text encoder."""
+    if not settings.expansion_enabled:
+        return None
+    folder = resolve_model(
+        settings.prompt_expander_model, missing_expander_files, "PROMPT_EXPANDER_MODEL", roots
+    )
+    encoder = next(iter(models.values())).generator.text_encoder
+    encoder_folder = Path(encoder.name_or_path)  # diffusers loads it from <model>/text_encoder
+    model = load_expander_model(folder, encoder, encoder_folder if encoder_folder.is_dir() else None)
+    return PromptExpander.load(folder, model, settings.prompt_expander_model)
 
 
 def warm_up(settings: Settings, models: dict[str, ServedModel]) -> None:

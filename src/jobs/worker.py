@@ -36,6 +36,7 @@ from src.jobs.slots import Delivery
 from src.jobs.startup import ServedModel
 from src.lora.adapters import LoraAdapters, PreparedLora
 from src.model import acceleration
+from src.model.expander import PromptExpander, no_expander
 from src.model.family import load_family
 from src.model.files import SearchRoots
 from src.model.inpaint import keeps_everything
@@ -60,6 +61,7 @@ TIMING_KEYS = (
     "load_input",
     "load_loras",
     "preprocess_control",
+    "expand_prompt",
     "encode_prompt",
     "denoise",
     "decode",
@@ -79,6 +81,8 @@ class Worker:
     gpu: GpuStage = field(default_factory=GpuStage)
     # control_preprocess "depth"; None without a ControlNet or with DEPTH_MODEL=none.
     depth: DepthEstimator | None = None
+    # enable_prompt_expansion; None with PROMPT_EXPANDER_MODEL=none.
+    expander: PromptExpander | None = None
     # Jobs past the GPU stage; the job loop lets the next job take their slots (src/jobs/slots.py).
     delivery: Delivery | None = None
 
@@ -124,13 +128,18 @@ class Worker:
         models = startup.serve_models(settings, pipes, controlnet, device, clock)  # its own laps
         safety = startup.load_safety(settings, roots, device, dtype)
         clock.lap("load_safety_checker")
+        expander = startup.load_expander(settings, roots, models)
+        if expander is not None:
+            clock.lap("load_prompt_expander")
         storage = Storage(settings) if settings.storage_enabled else None
         clock.lap("connect_storage")
         startup.warm_up(settings, models)
+        if expander is not None:
+            expander.warm_up()
         clock.lap("warm_up")
         parts = ", ".join(f"{name} {ms:.0f} ms" for name, ms in clock.timings.items())
         log.info("ready on %s (%s): %s", device, str(dtype).removeprefix("torch."), parts)
-        return cls(settings, models, safety, storage, gpu=gpu, depth=depth)
+        return cls(settings, models, safety, storage, gpu=gpu, depth=depth, expander=expander)
 
     async def handle(self, job: dict[str, Any], inline: bool = False) -> dict[str, Any]:
         """The SDK's handler: a job's output, or the one error shape; the worker serves on.
@@ -216,7 +225,7 @@ class Worker:
                 on_step(done, total)
 
         work = partial(self._on_gpu, request, seed, inputs, loras, clock, step)
-        kept, images, flags = await self.gpu.run(work, stop)
+        kept, images, flags, expanded = await self.gpu.run(work, stop)
 
         # 3. Encode and deliver, giving the slot to the next job meanwhile.
         #    Off the GPU thread, so no lap waits for the GPU (it may be running another job).
@@ -225,7 +234,7 @@ class Worker:
             clock.lap("encode_image", sync=False)
             urls = await run_stoppable(None, self._deliver, stop, job_id, encoded, request, inline, stop)
             clock.lap("upload", sync=False)
-        return self._output(request, seed, kept, urls, flags, clock)
+        return self._output(request, seed, kept, urls, flags, clock, expanded)
 
     def _on_gpu(
         self,
@@ -235,7 +244,7 @@ class Worker:
         loras: list[PreparedLora],
         clock: Stopwatch,
         step: StepCallback,
-    ) -> tuple[list[int], list[Image.Image], list[bool]]:
+    ) -> tuple[list[int], list[Image.Image], list[bool], str | None]:
         clock.lap("wait_gpu")  # behind other jobs; reported in no stage, only in `total`
         served = self.models[request.model]
         served.loras.activate(loras)  # exactly this job's adapters, or none: the base weights
@@ -244,6 +253,7 @@ class Worker:
         if request.control_preprocess == "depth" and self.depth is not None:
             inputs = replace(inputs, control=self.depth(inputs.control))  # runs on the device
             clock.lap("preprocess_control")
+        expanded = None
         if inputs.image is not None and (request.strength == 0 or keeps_everything(inputs.mask)):
             # strength 0 or an all-black mask returns the fitted input untouched by the model.
             # As a [0, 1] tensor, which the checker reads and to_pil turns back into the same bytes.
@@ -251,6 +261,11 @@ class Worker:
             images = fitted.repeat(request.num_images, 1, 1, 1)
             clock.lap("decode")  # the fitted input, as the tensor the checker reads
         else:
+            if request.enable_prompt_expansion and self.expander is not None:
+                # Before encoding: the images are made from the rewrite (or the prompt, when empty).
+                expanded = self.expander.expand(request.prompt, seed).text
+                request = request.model_copy(update={"prompt": expanded or request.prompt})
+                clock.lap("expand_prompt")
             images = served.generator.generate(request, seed, clock, inputs, step)
 
         # Every image is checked in one batch; flagged ones are dropped before encoding.
@@ -264,7 +279,7 @@ class Worker:
                 f"safety: all {len(flags)} generated image(s) were flagged as NSFW by the safety checker "
                 "and dropped; nothing was returned or charged. Try another prompt or seed."
             )
-        return kept, to_pil(images[kept]), flags
+        return kept, to_pil(images[kept]), flags, expanded
 
     def _served(self, request: GenerateRequest) -> ServedModel:
         """The request's model; a request this worker cannot serve fails before anything is fetched."""
@@ -282,6 +297,8 @@ class Worker:
             raise JobError(refusal)
         if request.control_preprocess == "depth" and self.depth is None:
             raise no_depth_model()
+        if request.enable_prompt_expansion and self.expander is None:
+            raise no_expander()
         return served
 
     @staticmethod
@@ -303,6 +320,7 @@ class Worker:
         urls: list[str],
         flags: list[bool],
         clock: Stopwatch,
+        expanded: str | None = None,
     ) -> dict[str, Any]:
         seeds = [(seed + i) % 2**32 for i in kept]
         output: dict[str, Any] = {"image_url": urls[0]}
@@ -312,7 +330,11 @@ class Worker:
         timings["total"] = clock.total_ms()
         output.update(
             seed=seeds[0],
-            cost=job_cost(getattr(self.settings, MODELS[request.model].price_field), len(kept)),
+            cost=job_cost(
+                getattr(self.settings, MODELS[request.model].price_field),
+                len(kept),
+                self.settings.prompt_expansion_price_usd if expanded else 0.0,
+            ),
             model=request.model,
             acceleration=request.acceleration,
             width=request.width,
@@ -321,6 +343,8 @@ class Worker:
             has_nsfw_concepts=flags,
             timings=timings,
         )
+        if expanded:
+            output["expanded_prompt"] = expanded
         size = len(json.dumps(output))
         if size > MAX_RESULT_BYTES:  # only data URIs get this big; a cut or broken result is worse
             raise JobError(

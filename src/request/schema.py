@@ -171,6 +171,10 @@ class GenerateRequest(BaseModel):
     acceleration: Literal[ACCELERATION_LEVELS] = Field(  # type: ignore[valid-type]
         default="none", description="one of " + ", ".join(ACCELERATION_LEVELS)
     )
+    # Rewritten by the worker's language model before encoding (src/model/expander.py).
+    enable_prompt_expansion: bool = Field(
+        default=False, description="a boolean, true or false (not a string)"
+    )
 
     @model_validator(mode="before")
     @classmethod

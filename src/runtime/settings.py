@@ -66,6 +66,11 @@ class Settings:
     # The transformers depth-estimation model for control_preprocess "depth", loaded only with a
     # ControlNet; "none" turns that preprocessor off.
     depth_model: str = "depth-anything/Depth-Anything-V2-Small-hf"
+    # A Qwen3 causal LM (folder or repo id, found like `model`) for enable_prompt_expansion; its
+    # tensors identical to the text encoder's are shared, not loaded twice. "none": expansion off.
+    prompt_expander_model: str = "none"
+    # Added to `cost` once per request whose prompt was expanded.
+    prompt_expansion_price_usd: float = 0.0025
     # Jobs in flight on one worker (Runpod's concurrency_modifier); the GPU still runs one at a
     # time, and the others fetch inputs, encode and upload meanwhile. 1 = strictly one job.
     max_concurrency: int = 2
@@ -99,6 +104,10 @@ class Settings:
     @property
     def control_enabled(self) -> bool:
         return self.controlnet_model.lower() != "none"
+
+    @property
+    def expansion_enabled(self) -> bool:
+        return self.prompt_expander_model.lower() != "none"
 
     @property
     def depth_enabled(self) -> bool:
@@ -167,6 +176,10 @@ class Settings:
             safety_checker_model=text("SAFETY_CHECKER_MODEL", cls.safety_checker_model),
             controlnet_model=text("CONTROLNET_MODEL", cls.controlnet_model),
             depth_model=text("DEPTH_MODEL", cls.depth_model),
+            prompt_expander_model=text("PROMPT_EXPANDER_MODEL", cls.prompt_expander_model),
+            prompt_expansion_price_usd=_number(
+                env, "PROMPT_EXPANSION_PRICE_USD", cls.prompt_expansion_price_usd, 0.0, 1000.0
+            ),
             safety_threshold=_number(env, "SAFETY_THRESHOLD", cls.safety_threshold, 0.0, 1.0),
             bucket_endpoint_url=endpoint,
             bucket_access_key_id=bucket["BUCKET_ACCESS_KEY_ID"],
