@@ -8,6 +8,7 @@ pipeline given the rewrite, and a job without the field against a worker without
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
 from pathlib import Path
@@ -22,6 +23,7 @@ from builder.tiny_model import build_tiny_base, build_tiny_expander
 from src.jobs.worker import Worker
 from src.model.expander import STATIC_TOKENS, strip_thinking
 from src.model.expander_weights import load_expander_model, same_file
+from src.openai_images.routes import OpenAIImages
 from src.request.schema import parse_request
 from src.runtime.errors import JobError
 from src.runtime.settings import Settings, SettingsError
@@ -276,3 +278,22 @@ def test_the_static_cache_gives_the_dynamic_caches_tokens(expanding, monkeypatch
     monkeypatch.setattr(expander, "_static", True)
     monkeypatch.setattr(expander, "_compiled_step", expander._step)
     assert (expander.sample(ids, seed=7), expander.sample(ids, seed=None)) == dynamic
+
+
+def test_the_openai_route_returns_the_rewrite_as_revised_prompt(expanding):
+    """OpenAI's images.generate with `enable_prompt_expansion` (an extra_body field): each entry's
+    `revised_prompt` is the native `expanded_prompt`, and the bytes are the native request's."""
+    native = run_input(expanding, "native", {**EXPAND, "output_format": "png"})
+    body = {
+        "prompt": JOB["prompt"],
+        "size": "256x256",
+        "response_format": "b64_json",
+        "seed": JOB["seed"],
+        "num_inference_steps": JOB["num_inference_steps"],
+        "enable_prompt_expansion": True,
+    }
+    job = {"id": "openai", "input": {"openai_route": "/v1/images/generations", "openai_input": body}}
+    reply = asyncio.run(OpenAIImages(expanding).handle(job))
+    assert [entry["revised_prompt"] for entry in reply["data"]] == [native["expanded_prompt"]]
+    assert reply["data"][0]["b64_json"] == native["image_url"].split(",", 1)[1]
+    assert reply["cost"] == native["cost"] == 0.0075
