@@ -29,7 +29,7 @@ from PIL import Image
 from src.control.preprocess import DepthEstimator, load_control, no_depth_model
 from src.delivery.encoding import data_uri, encode_image
 from src.delivery.storage import Storage
-from src.inputs.pictures import Inputs, load_inputs
+from src.inputs.pictures import Inputs, load_inputs, open_input
 from src.jobs import startup
 from src.jobs.progress import progress_reporter
 from src.jobs.startup import ServedModel
@@ -45,6 +45,7 @@ from src.model.safety import SafetyChecker
 from src.request.models import MODELS
 from src.request.pricing import job_cost
 from src.request.schema import MAX_SEED, GenerateRequest, parse_request
+from src.request.sizes import AUTO, auto_size
 from src.runtime.errors import JobError, error_output
 from src.runtime.gpu import GpuFault, GpuStage, Stop, run_stoppable
 from src.runtime.settings import Settings
@@ -179,12 +180,24 @@ class Worker:
             seed,
         )
 
-        # 1. Fetch at once: the input image and mask fitted to the size, the control map (fitted,
+        # 1. `size: "auto"`: the picture that decides it is opened first (EXIF-rotated), once.
+        opened: dict[str, Image.Image] = {}
+        if request.size == AUTO:
+            field = request.auto_source
+            stage = "load_input" if field == "image" else "preprocess_control"
+            picture = await self._timed(clock, stage, open_input, stop, getattr(request, field), field)
+            opened[field] = picture
+            request = request.with_size(*auto_size(*picture.size))
+            log.info("job %s: size auto: %s %dx%d -> %s", job_id, field, *picture.size, request.size)
+
+        # 2. Fetch at once: the input image and mask fitted to the size, the control map (fitted,
         #    and canny applied), and the LoRA files (downloaded or cached, read unless loaded).
         try:
             inputs, control, loras = await asyncio.gather(
-                self._timed(clock, "load_input", load_inputs, stop, request),
-                self._timed(clock, "preprocess_control", load_control, stop, request)
+                self._timed(clock, "load_input", load_inputs, stop, request, opened.get("image")),
+                self._timed(
+                    clock, "preprocess_control", load_control, stop, request, opened.get("control_image")
+                )
                 if request.control_image
                 else asyncio.sleep(0, result=None),
                 self._timed(clock, "load_loras", served.loras.prepare, stop, request.loras, stop)
@@ -197,7 +210,7 @@ class Worker:
         inputs = replace(inputs, control=control)
         clock.restart()
 
-        # 2. On the GPU, one job at a time: generate, check safety, bring the kept images to the host.
+        # 3. On the GPU, one job at a time: generate, check safety, bring the kept images to the host.
         def step(done: int, total: int) -> None:
             stop.check()  # a stopped job ends here, between two denoising steps
             if on_step is not None:
@@ -206,7 +219,7 @@ class Worker:
         work = partial(self._on_gpu, request, seed, inputs, loras, clock, step)
         kept, images, flags = await self.gpu.run(work, stop)
 
-        # 3. Encode and deliver.
+        # 4. Encode and deliver.
         #    Off the GPU thread, so no lap waits for the GPU (it may be running another job).
         encoded = await run_stoppable(None, self._encode, stop, images, request)
         clock.lap("encode_image", sync=False)
