@@ -144,6 +144,24 @@ class GenerateRequest(BaseModel):
         allow_inf_nan=False,
         description="a number from 0.0 to 2.0 (with 'control_image' only)",
     )
+    # Step i of n (from 0) runs the ControlNet when control_start <= i/n < control_end
+    # (src/control/window.py); 0.0 and 1.0 are every step, the plain control pipeline.
+    control_start: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="a number from 0.0 to 1.0, the fraction of the steps before control begins "
+        "(with 'control_image' only)",
+    )
+    control_end: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="a number from 0.0 to 1.0, greater than control_start: the fraction of the steps "
+        "after which control stops (with 'control_image' only)",
+    )
 
     model: Literal[tuple(MODELS)] = Field(  # type: ignore[valid-type]
         default=DEFAULT_MODEL, description="one of " + ", ".join(MODELS)
@@ -216,12 +234,21 @@ class GenerateRequest(BaseModel):
 
     @model_validator(mode="after")
     def _control_fields_need_control_image(self) -> GenerateRequest:
-        for name in ("control_preprocess", "control_scale"):
+        for name in ("control_preprocess", "control_scale", "control_start", "control_end"):
             if name in self.model_fields_set and self.control_image is None:
                 raise ValueError(
                     f"{name}: only applies with 'control_image': send 'control_image' with it, "
                     f"or leave '{name}' out"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _control_window_not_empty(self) -> GenerateRequest:
+        if self.control_end <= self.control_start:
+            raise ValueError(
+                f"control_end: {self.control_end!r} is not allowed: it must be greater than control_start "
+                f"({self.control_start!r}): control runs on the steps i of n with start <= i/n < end"
+            )
         return self
 
     @model_validator(mode="after")
