@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 from PIL import Image
 
+from src.control.pose import PoseEstimator, no_pose_model
 from src.control.preprocess import DepthEstimator, load_control, no_depth_model
 from src.delivery.encoding import data_uri, encode_image
 from src.delivery.storage import Storage
@@ -79,6 +80,8 @@ class Worker:
     gpu: GpuStage = field(default_factory=GpuStage)
     # control_preprocess "depth"; None without a ControlNet or with DEPTH_MODEL=none.
     depth: DepthEstimator | None = None
+    # control_preprocess "pose"; None without a ControlNet or with POSE_MODEL=none.
+    pose: PoseEstimator | None = None
 
     @property
     def generator(self) -> ZImageGenerator:
@@ -110,12 +113,12 @@ class Worker:
         roots = roots or SearchRoots(allow_download=settings.allow_download)
         pipes = load_family(settings, roots, dtype)
         clock.lap("load_weights")
-        controlnet, depth = startup.load_control_models(
+        control = startup.load_control_models(
             settings, pipes[next(iter(pipes))].transformer, device, dtype, roots
         )
-        if controlnet is not None:
+        if control.controlnet is not None:
             clock.lap("load_control")
-        models = startup.serve_models(settings, pipes, controlnet, device, clock)  # its own laps
+        models = startup.serve_models(settings, pipes, control.controlnet, device, clock)  # its own laps
         safety = startup.load_safety(settings, roots, device, dtype)
         clock.lap("load_safety_checker")
         storage = Storage(settings) if settings.storage_enabled else None
@@ -124,7 +127,7 @@ class Worker:
         clock.lap("warm_up")
         parts = ", ".join(f"{name} {ms:.0f} ms" for name, ms in clock.timings.items())
         log.info("ready on %s (%s): %s", device, str(dtype).removeprefix("torch."), parts)
-        return cls(settings, models, safety, storage, gpu=gpu, depth=depth)
+        return cls(settings, models, safety, storage, gpu=gpu, depth=control.depth, pose=control.pose)
 
     async def handle(self, job: dict[str, Any]) -> dict[str, Any]:
         """The SDK's handler: a job's output, or the one error shape; the worker serves on."""
@@ -241,8 +244,10 @@ class Worker:
         served.loras.activate(loras)  # exactly this job's adapters, or none: the base weights
         if loras:
             clock.lap("load_loras")
-        if request.control_preprocess == "depth" and self.depth is not None:
-            inputs = replace(inputs, control=self.depth(inputs.control))  # runs on the device
+        # The preprocessors that run on the device (canny ran on the CPU, in load_control).
+        on_device = {"depth": self.depth, "pose": self.pose}.get(request.control_preprocess)
+        if on_device is not None:
+            inputs = replace(inputs, control=on_device(inputs.control))
             clock.lap("preprocess_control")
         if inputs.image is not None and (request.strength == 0 or keeps_everything(inputs.mask)):
             # strength 0 or an all-black mask returns the fitted input untouched by the model.
@@ -282,6 +287,8 @@ class Worker:
             raise JobError(refusal)
         if request.control_preprocess == "depth" and self.depth is None:
             raise no_depth_model()
+        if request.control_preprocess == "pose" and self.pose is None:
+            raise no_pose_model()
         return served
 
     @staticmethod

@@ -134,8 +134,8 @@ class GenerateRequest(BaseModel):
         description="an http(s) URL, a data:image/...;base64, URI or bare base64 of a control map (or, "
         "with 'control_preprocess', of a picture to make one from)",
     )
-    control_preprocess: Literal["none", "canny", "depth"] = Field(
-        default="none", description="one of none, canny, depth (with 'control_image' only)"
+    control_preprocess: Literal["none", "canny", "depth", "pose"] = Field(
+        default="none", description="one of none, canny, depth, pose (with 'control_image' only)"
     )
     control_scale: float = Field(
         default=0.75,

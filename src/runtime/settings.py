@@ -66,6 +66,13 @@ class Settings:
     # The transformers depth-estimation model for control_preprocess "depth", loaded only with a
     # ControlNet; "none" turns that preprocessor off.
     depth_model: str = "depth-anything/Depth-Anything-V2-Small-hf"
+    # The ViTPose (transformers VitPoseForPoseEstimation) for control_preprocess "pose", loaded only
+    # with a ControlNet, found like DEPTH_MODEL; "none" turns that preprocessor off (the Docker
+    # image bakes usyd-community/vitpose-base-simple and sets it).
+    pose_model: str = "none"
+    # The person detector beside it (transformers RTDetrForObjectDetection with a `person` label),
+    # found the same way; read only when POSE_MODEL is set.
+    pose_detector_model: str = "PekingU/rtdetr_r50vd_coco_o365"
     # Jobs in flight on one worker (Runpod's concurrency_modifier); the GPU still runs one at a
     # time, and the others fetch inputs, encode and upload meanwhile. 1 = strictly one job.
     max_concurrency: int = 2
@@ -103,6 +110,10 @@ class Settings:
     @property
     def depth_enabled(self) -> bool:
         return self.control_enabled and self.depth_model.lower() != "none"
+
+    @property
+    def pose_enabled(self) -> bool:
+        return self.control_enabled and self.pose_model.lower() != "none"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -167,6 +178,8 @@ class Settings:
             safety_checker_model=text("SAFETY_CHECKER_MODEL", cls.safety_checker_model),
             controlnet_model=text("CONTROLNET_MODEL", cls.controlnet_model),
             depth_model=text("DEPTH_MODEL", cls.depth_model),
+            pose_model=text("POSE_MODEL", cls.pose_model),
+            pose_detector_model=text("POSE_DETECTOR_MODEL", cls.pose_detector_model),
             safety_threshold=_number(env, "SAFETY_THRESHOLD", cls.safety_threshold, 0.0, 1.0),
             bucket_endpoint_url=endpoint,
             bucket_access_key_id=bucket["BUCKET_ACCESS_KEY_ID"],
