@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from src.control.window import controlled_steps
 from src.jobs.worker import Worker
 from src.model.acceleration import LEVELS, StepSchedule, steps_computed
+from src.model.control_window import controlled_steps
 from src.request.models import MODELS
 from tests.conftest import handle_job
 from tests.test_acceleration import counting, folders, no_hooks_left, pixels, start  # noqa: F401

@@ -20,12 +20,15 @@ import torch
 from PIL import Image
 from transformers.models.vitpose.image_processing_pil_vitpose import box_to_center_and_scale, transform_preds
 
-from src.control.pose import COLOURS, LIMB_SHADE, draw_bodies
+from builder import download_weights as dw
+from src.control.pose import COLOURS, LIMB_SHADE, PoseEstimator, draw_bodies
 from src.jobs.worker import Worker
+from src.model.files import SearchRoots, missing_classifier_files, resolve_model
 from src.request.schema import parse_request
 from src.runtime.errors import JobError
 from src.runtime.settings import Settings
 from tests.conftest import handle_job
+from tests.test_builder import LoopbackHub, folder_files
 from tests.test_control import JOB, pixels, png_uri, releases, shapes  # noqa: F401
 from tests.tiny_pose import HEATMAP, POSE_INPUT, build_tiny_detector, build_tiny_vitpose
 
@@ -189,3 +192,43 @@ def test_pose_settings_and_request():
     with pytest.raises(JobError) as caught:
         parse_request({"prompt": "a", "control_preprocess": "pose"})
     assert str(caught.value).startswith("control_preprocess: only applies with 'control_image'")
+
+
+def test_the_builder_bakes_the_pose_models_beside_a_controlnet_and_the_worker_finds_them_offline(
+    tiny_model,
+    releases,  # noqa: F811
+    pose_models,
+    tmp_path,
+):
+    repo, pose_repo, detector_repo = (
+        "alibaba-pai/Z-Image-Turbo-Fun-Controlnet-Union-2.1",
+        "usyd-community/vitpose-base-simple",
+        "PekingU/rtdetr_r50vd_coco_o365",
+    )
+    vitpose, detector = (folder_files(folder) for folder in pose_models)
+    server = LoopbackHub(
+        {
+            repo: {"Z-Image-Turbo-Fun-Controlnet-Union-2.1.safetensors": releases["2.1"][1].read_bytes()},
+            pose_repo: vitpose | {"pytorch_model.bin": b"pickle"},
+            detector_repo: detector | {"pytorch_model.bin": b"pickle"},
+        }
+    )
+    models = tmp_path / "models"
+    try:
+        args = ["--zimage-repo", "none", "--safety-repo", "none", "--controlnet-repo", repo]
+        assert (
+            dw.main(["--dest", str(models), "--endpoint", server.url, *args, "--pose-repo", pose_repo]) == 0
+        )
+        assert server.fetched(pose_repo) == set(vitpose) and server.fetched(detector_repo) == set(detector)
+    finally:
+        server.close()
+    assert dw.parse_args([]).pose_repo == "none"  # not baked unless asked (the Dockerfile asks)
+    roots = SearchRoots(
+        runpod_cache=tmp_path / "rp", volume=tmp_path / "vol", baked=models, hf_cache=tmp_path / "hf"
+    )
+    found = [
+        resolve_model(name, missing_classifier_files, "POSE_MODEL", roots)
+        for name in (pose_repo, detector_repo)
+    ]
+    assert [folder.name for folder in found] == ["vitpose-base-simple", "rtdetr_r50vd_coco_o365"]
+    assert PoseEstimator.load(*found, torch.device("cpu"), torch.float32).person == 0

@@ -47,7 +47,7 @@ LEVELS: dict[str, dict[str, StepSchedule | None]] = {
 # Forecast: the output layer. Skipped on forecast steps: the main blocks, and the noise refiner
 # unless a ControlNet calls it too (it shares the transformer's refiners: a hook there would count
 # two calls a step, and the ControlNet does not run on every step). The ControlNet itself does not
-# run on a forecast step (src/control/window.py): its hints go only into the skipped blocks.
+# run on a forecast step (src/model/control_window.py): its hints go only into the skipped blocks.
 FORECAST = r"^all_final_layer\.[^.]+$"
 SKIPPED = r"^layers\.\d+$"
 SKIPPED_WITHOUT_CONTROL = r"^noise_refiner\.\d+$"
@@ -117,7 +117,7 @@ def step_cache(
     """The level's hooks on the transformer for one pipeline call, then none.
 
     A ControlNet gets no hooks here: on a forecast step its hints would only feed the skipped blocks,
-    so it does not run at all then (src/control/window.py asks `computes` which steps it runs).
+    so it does not run at all then (src/model/control_window.py asks `computes` which steps it runs).
     """
     if schedule is None:
         yield

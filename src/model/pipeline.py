@@ -18,9 +18,9 @@ from diffusers import DiffusionPipeline, ZImageControlNetModel, ZImagePipeline
 from PIL import Image
 from safetensors import SafetensorError
 
-from src.control.window import control_window, controlled_steps
 from src.inputs.pictures import Inputs
 from src.model.acceleration import LEVELS, step_cache, steps_run
+from src.model.control_window import control_window, controlled_steps
 from src.model.files import ModelNotFound, load_failure
 from src.model.modes import MODES, mode_of
 from src.model.pixels import to_bytes

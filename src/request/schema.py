@@ -145,7 +145,7 @@ class GenerateRequest(BaseModel):
         description="a number from 0.0 to 2.0 (with 'control_image' only)",
     )
     # Step i of n (from 0) runs the ControlNet when control_start <= i/n < control_end
-    # (src/control/window.py); 0.0 and 1.0 are every step, the plain control pipeline.
+    # (src/model/control_window.py); 0.0 and 1.0 are every step, the plain control pipeline.
     control_start: float = Field(
         default=0.0,
         ge=0.0,
