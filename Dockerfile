@@ -54,6 +54,8 @@ RUN pip install --no-cache-dir --require-hashes --no-deps -r /tmp/worker-cuda.tx
 #    is fetched whole (8 GB). none: no expander, and PROMPT_EXPANDER_MODEL=none.
 #    CONTROLNET_REPO bakes one single-file ControlNet release (CONTROLNET_FILE, default
 #    <repo name>.safetensors; 2.1 is 6.7 GB) and DEPTH_REPO beside it; none: no control.
+#    POSE_REPO (a ViTPose, 0.36 GB for vitpose-base-simple) and POSE_DETECTOR_REPO (an RT-DETR
+#    person detector, 0.17 GB) are baked beside a ControlNet too; POSE_REPO=none: no pose.
 ARG ZIMAGE_REPO=Tongyi-MAI/Z-Image-Turbo
 ARG ZIMAGE_REVISION=
 ARG SAFETY_REPO=Falconsai/nsfw_image_detection
@@ -68,6 +70,10 @@ ARG DEPTH_REPO=depth-anything/Depth-Anything-V2-Small-hf
 ARG DEPTH_REVISION=
 ARG PROMPT_EXPANDER_REPO=Qwen/Qwen3-4B
 ARG PROMPT_EXPANDER_REVISION=
+ARG POSE_REPO=usyd-community/vitpose-base-simple
+ARG POSE_REVISION=
+ARG POSE_DETECTOR_REPO=PekingU/rtdetr_r50vd_coco_o365
+ARG POSE_DETECTOR_REVISION=
 COPY builder/download_weights.py /opt/builder/download_weights.py
 RUN case "$BAKE_WEIGHTS" in \
       1) python /opt/builder/download_weights.py --dest /models \
@@ -77,14 +83,18 @@ RUN case "$BAKE_WEIGHTS" in \
            --controlnet-repo "$CONTROLNET_REPO" --controlnet-file "$CONTROLNET_FILE" \
            --controlnet-revision "$CONTROLNET_REVISION" \
            --depth-repo "$DEPTH_REPO" --depth-revision "$DEPTH_REVISION" \
-           --expander-repo "$PROMPT_EXPANDER_REPO" --expander-revision "$PROMPT_EXPANDER_REVISION" ;; \
+           --expander-repo "$PROMPT_EXPANDER_REPO" --expander-revision "$PROMPT_EXPANDER_REVISION" \
+           --pose-repo "$POSE_REPO" --pose-revision "$POSE_REVISION" \
+           --pose-detector-repo "$POSE_DETECTOR_REPO" --pose-detector-revision "$POSE_DETECTOR_REVISION" ;; \
       safety) python /opt/builder/download_weights.py --dest /models --zimage-repo none \
            --safety-repo "$SAFETY_REPO" --safety-revision "$SAFETY_REVISION" \
            --base-repo "$ZIMAGE_BASE_REPO" --base-revision "$ZIMAGE_BASE_REVISION" \
            --controlnet-repo "$CONTROLNET_REPO" --controlnet-file "$CONTROLNET_FILE" \
            --controlnet-revision "$CONTROLNET_REVISION" \
            --depth-repo "$DEPTH_REPO" --depth-revision "$DEPTH_REVISION" \
-           --expander-repo "$PROMPT_EXPANDER_REPO" --expander-revision "$PROMPT_EXPANDER_REVISION" ;; \
+           --expander-repo "$PROMPT_EXPANDER_REPO" --expander-revision "$PROMPT_EXPANDER_REVISION" \
+           --pose-repo "$POSE_REPO" --pose-revision "$POSE_REVISION" \
+           --pose-detector-repo "$POSE_DETECTOR_REPO" --pose-detector-revision "$POSE_DETECTOR_REVISION" ;; \
       0) echo "BAKE_WEIGHTS=0: no weights in the image (Runpod cached models or a network volume)" ;; \
       *) echo "BAKE_WEIGHTS must be 1, safety or 0, got '$BAKE_WEIGHTS'" >&2; exit 1 ;; \
     esac
@@ -98,6 +108,8 @@ ENV ZIMAGE_MODEL=$ZIMAGE_REPO \
     CONTROLNET_MODEL=$CONTROLNET_REPO \
     DEPTH_MODEL=$DEPTH_REPO \
     PROMPT_EXPANDER_MODEL=$PROMPT_EXPANDER_REPO \
+    POSE_MODEL=$POSE_REPO \
+    POSE_DETECTOR_MODEL=$POSE_DETECTOR_REPO \
     HF_HUB_OFFLINE=1 \
     HF_HUB_DISABLE_TELEMETRY=1
 

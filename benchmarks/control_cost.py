@@ -4,8 +4,10 @@
 
 On the tiny model with a tiny 2.1-style ControlNet and a tiny Depth Anything (tests/
 tiny_controlnets.py): the same job plain, with a ready control map (`none`), with `canny`
-and with `depth`. Prints a Markdown table of medians (ms) of `total`, `preprocess_control`
-and `denoise`; the ControlNet's real size is in BENCHMARKS.md (meta-device count).
+and with `depth`, and the control map with a control window (`control_end` 0.5 and 0.25: the
+ControlNet runs on the first half, the first quarter of the steps). Prints a Markdown table of
+medians (ms) of `total`, `preprocess_control` and `denoise`; the ControlNet's real size is in
+BENCHMARKS.md (meta-device count).
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ def main() -> None:
             "control map (none)": {"control_image": control},
             "canny": {"control_image": control, "control_preprocess": "canny"},
             "depth": {"control_image": control, "control_preprocess": "depth"},
+            "window 0.0-0.5": {"control_image": control, "control_end": 0.5},
+            "window 0.0-0.25": {"control_image": control, "control_end": 0.25},
         }
         rows = []
         for name, fields in variants.items():

@@ -135,6 +135,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--expander-revision", type=_revision, default=None, help="branch, tag or commit")
     parser.add_argument(
+        "--pose-repo",
+        type=_none_if_empty,
+        default="none",
+        help="ViTPose repo id for control_preprocess 'pose', baked only with a ControlNet",
+    )
+    parser.add_argument("--pose-revision", type=_revision, default=None, help="branch, tag or commit")
+    parser.add_argument(
+        "--pose-detector-repo",
+        type=_none_if_empty,
+        default="PekingU/rtdetr_r50vd_coco_o365",
+        help="RT-DETR person detector repo id, baked beside --pose-repo",
+    )
+    parser.add_argument(
+        "--pose-detector-revision", type=_revision, default=None, help="branch, tag or commit"
+    )
+    parser.add_argument(
         "--bf16-components",
         nargs="*",
         default=list(BF16_COMPONENTS),
@@ -145,14 +161,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--endpoint", default=None, help="Hub address (default: HF_ENDPOINT or huggingface.co)"
     )
     args = parser.parse_args(argv)
-    for option in (
-        "zimage_repo",
-        "base_repo",
-        "safety_repo",
-        "controlnet_repo",
-        "depth_repo",
-        "expander_repo",
-    ):
+    repos = ("zimage_repo", "base_repo", "safety_repo", "controlnet_repo", "depth_repo", "expander_repo")
+    for option in (*repos, "pose_repo", "pose_detector_repo"):
         repo = getattr(args, option)
         if repo.lower() != "none" and repo.count("/") != 1:
             parser.error(
@@ -524,7 +534,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         checker = repo_folder(args.dest, args.safety_repo)
         download(args.safety_repo, args.safety_revision, checker, "classifier", args.retries, args.endpoint)
 
-    # 5. The ControlNet (one release file, as published: bf16), and the depth model beside it.
+    # 5. The ControlNet (one release file, as published: bf16), and the depth and pose models beside it.
     if args.controlnet_repo.lower() != "none":
         name = args.controlnet_repo.split("/")[-1]
         file = args.controlnet_file or f"{name}.safetensors"
@@ -541,6 +551,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.depth_repo.lower() != "none":
             depth = repo_folder(args.dest, args.depth_repo)
             download(args.depth_repo, args.depth_revision, depth, "classifier", args.retries, args.endpoint)
+        # The pose estimator and its person detector (both config, processor config, safetensors).
+        if args.pose_repo.lower() != "none":
+            for repo, revision in (
+                (args.pose_repo, args.pose_revision),
+                (args.pose_detector_repo, args.pose_detector_revision),
+            ):
+                folder = repo_folder(args.dest, repo)
+                download(repo, revision, folder, "classifier", args.retries, args.endpoint)
     return 0
 
 

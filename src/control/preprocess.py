@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from src.inputs.pictures import load_image
+from src.inputs.pictures import cover_crop, open_input
 from src.request.schema import GenerateRequest
 from src.runtime.errors import JobError
 
@@ -25,11 +25,16 @@ from src.runtime.errors import JobError
 CANNY_LOW, CANNY_HIGH = 100, 200
 
 
-def load_control(request: GenerateRequest) -> Image.Image | None:
-    """The request's control map, as far as the CPU takes it: fetched, fitted, canny applied."""
+def load_control(request: GenerateRequest, opened: Image.Image | None = None) -> Image.Image | None:
+    """The request's control map, as far as the CPU takes it: fetched, fitted, canny applied.
+
+    `opened`: the `control_image`, already open (`size: "auto"` opened it first to read its size).
+    """
     if request.control_image is None:
         return None
-    picture = load_image(request.control_image, request.width, request.height, "control_image")
+    if opened is None:
+        opened = open_input(request.control_image, "control_image")
+    picture = cover_crop(opened, request.width, request.height)
     return canny(picture) if request.control_preprocess == "canny" else picture
 
 

@@ -58,11 +58,14 @@ class PictureFields(Protocol):
     def height(self) -> int: ...
 
 
-def load_inputs(request: PictureFields) -> Inputs:
-    """Every picture the request carries, fetched or decoded and fitted to its size."""
+def load_inputs(request: PictureFields, opened: Image.Image | None = None) -> Inputs:
+    """Every picture the request carries, fetched or decoded and fitted to its size.
+
+    `opened`: the `image`, already open (`size: "auto"` opened it first to read its size).
+    """
     if request.image is None:
         return Inputs()
-    source = open_input(request.image, "image")
+    source = opened if opened is not None else open_input(request.image, "image")
     image = cover_crop(source, request.width, request.height)
     mask = load_mask(request.mask, source.size, request.width, request.height) if request.mask else None
     return Inputs(image, mask)

@@ -13,6 +13,7 @@ import torch
 from diffusers import ZImageControlNetModel, ZImagePipeline
 
 from src.control.controlnet import bound_to, load_controlnet
+from src.control.pose import PoseEstimator
 from src.control.preprocess import DepthEstimator
 from src.lora.adapters import LoraAdapters
 from src.lora.files import LoraFiles
@@ -41,22 +42,37 @@ def compiles(settings: Settings, device: torch.device) -> bool:
     return settings.compile and device.type == "cuda"
 
 
+@dataclass
+class ControlModels:
+    """The ControlNet and the preprocessors that run on the device beside it; None where off."""
+
+    controlnet: ZImageControlNetModel | None = None
+    depth: DepthEstimator | None = None
+    pose: PoseEstimator | None = None
+
+
 def load_control_models(
     settings: Settings,
     transformer: torch.nn.Module,
     device: torch.device,
     dtype: torch.dtype,
     roots: SearchRoots,
-) -> tuple[ZImageControlNetModel | None, DepthEstimator | None]:
-    """The ControlNet, built on the first model's transformer, and the depth model beside it."""
+) -> ControlModels:
+    """The ControlNet, built on the first model's transformer, and the depth and pose models beside it."""
     if not settings.control_enabled:
-        return None, None
+        return ControlModels()
     controlnet = load_controlnet(settings.controlnet_model, transformer, dtype, roots).to(device)
-    depth = None
+    depth = pose = None
     if settings.depth_enabled:
         folder = resolve_model(settings.depth_model, missing_classifier_files, "DEPTH_MODEL", roots)
         depth = DepthEstimator.load(folder, device, dtype)
-    return controlnet, depth
+    if settings.pose_enabled:
+        pose_folder = resolve_model(settings.pose_model, missing_classifier_files, "POSE_MODEL", roots)
+        detector = resolve_model(
+            settings.pose_detector_model, missing_classifier_files, "POSE_DETECTOR_MODEL", roots
+        )
+        pose = PoseEstimator.load(pose_folder, detector, device, dtype)
+    return ControlModels(controlnet, depth, pose)
 
 
 def serve_models(

@@ -26,10 +26,11 @@ from typing import Any, TypeVar
 
 from PIL import Image
 
+from src.control.pose import PoseEstimator, no_pose_model
 from src.control.preprocess import DepthEstimator, load_control, no_depth_model
 from src.delivery.encoding import data_uri, encode_image
 from src.delivery.storage import Storage
-from src.inputs.pictures import Inputs, load_inputs
+from src.inputs.pictures import Inputs, load_inputs, open_input
 from src.jobs import startup
 from src.jobs.progress import progress_reporter
 from src.jobs.slots import Delivery
@@ -47,6 +48,7 @@ from src.model.safety import SafetyChecker
 from src.request.models import MODELS
 from src.request.pricing import job_cost
 from src.request.schema import MAX_SEED, GenerateRequest, parse_request
+from src.request.sizes import AUTO, auto_size
 from src.runtime.errors import JobError, error_output
 from src.runtime.gpu import GpuFault, GpuStage, Stop, run_stoppable
 from src.runtime.settings import Settings
@@ -81,6 +83,8 @@ class Worker:
     gpu: GpuStage = field(default_factory=GpuStage)
     # control_preprocess "depth"; None without a ControlNet or with DEPTH_MODEL=none.
     depth: DepthEstimator | None = None
+    # control_preprocess "pose"; None without a ControlNet or with POSE_MODEL=none.
+    pose: PoseEstimator | None = None
     # enable_prompt_expansion; None with PROMPT_EXPANDER_MODEL=none.
     expander: PromptExpander | None = None
     # Jobs past the GPU stage; the job loop lets the next job take their slots (src/jobs/slots.py).
@@ -120,12 +124,12 @@ class Worker:
         roots = roots or SearchRoots(allow_download=settings.allow_download)
         pipes = load_family(settings, roots, dtype)
         clock.lap("load_weights")
-        controlnet, depth = startup.load_control_models(
+        control = startup.load_control_models(
             settings, pipes[next(iter(pipes))].transformer, device, dtype, roots
         )
-        if controlnet is not None:
+        if control.controlnet is not None:
             clock.lap("load_control")
-        models = startup.serve_models(settings, pipes, controlnet, device, clock)  # its own laps
+        models = startup.serve_models(settings, pipes, control.controlnet, device, clock)  # its own laps
         safety = startup.load_safety(settings, roots, device, dtype)
         clock.lap("load_safety_checker")
         expander = startup.load_expander(settings, roots, models)
@@ -139,7 +143,16 @@ class Worker:
         clock.lap("warm_up")
         parts = ", ".join(f"{name} {ms:.0f} ms" for name, ms in clock.timings.items())
         log.info("ready on %s (%s): %s", device, str(dtype).removeprefix("torch."), parts)
-        return cls(settings, models, safety, storage, gpu=gpu, depth=depth, expander=expander)
+        return cls(
+            settings,
+            models,
+            safety,
+            storage,
+            gpu=gpu,
+            depth=control.depth,
+            pose=control.pose,
+            expander=expander,
+        )
 
     async def handle(self, job: dict[str, Any], inline: bool = False) -> dict[str, Any]:
         """The SDK's handler: a job's output, or the one error shape; the worker serves on.
@@ -200,12 +213,24 @@ class Worker:
             seed,
         )
 
-        # 1. Fetch at once: the input image and mask fitted to the size, the control map (fitted,
+        # 1. `size: "auto"`: the picture that decides it is opened first (EXIF-rotated), once.
+        opened: dict[str, Image.Image] = {}
+        if request.size == AUTO:
+            field = request.auto_source
+            stage = "load_input" if field == "image" else "preprocess_control"
+            picture = await self._timed(clock, stage, open_input, stop, getattr(request, field), field)
+            opened[field] = picture
+            request = request.with_size(*auto_size(*picture.size))
+            log.info("job %s: size auto: %s %dx%d -> %s", job_id, field, *picture.size, request.size)
+
+        # 2. Fetch at once: the input image and mask fitted to the size, the control map (fitted,
         #    and canny applied), and the LoRA files (downloaded or cached, read unless loaded).
         try:
             inputs, control, loras = await asyncio.gather(
-                self._timed(clock, "load_input", load_inputs, stop, request),
-                self._timed(clock, "preprocess_control", load_control, stop, request)
+                self._timed(clock, "load_input", load_inputs, stop, request, opened.get("image")),
+                self._timed(
+                    clock, "preprocess_control", load_control, stop, request, opened.get("control_image")
+                )
                 if request.control_image
                 else asyncio.sleep(0, result=None),
                 self._timed(clock, "load_loras", served.loras.prepare, stop, request.loras, stop)
@@ -218,7 +243,7 @@ class Worker:
         inputs = replace(inputs, control=control)
         clock.restart()
 
-        # 2. On the GPU, one job at a time: generate, check safety, bring the kept images to the host.
+        # 3. On the GPU, one job at a time: generate, check safety, bring the kept images to the host.
         def step(done: int, total: int) -> None:
             stop.check()  # a stopped job ends here, between two denoising steps
             if on_step is not None:
@@ -227,7 +252,7 @@ class Worker:
         work = partial(self._on_gpu, request, seed, inputs, loras, clock, step)
         kept, images, flags, expanded = await self.gpu.run(work, stop)
 
-        # 3. Encode and deliver, giving the slot to the next job meanwhile.
+        # 4. Encode and deliver, giving the slot to the next job meanwhile.
         #    Off the GPU thread, so no lap waits for the GPU (it may be running another job).
         with self.delivery.delivering():
             encoded = await run_stoppable(None, self._encode, stop, images, request)
@@ -250,8 +275,10 @@ class Worker:
         served.loras.activate(loras)  # exactly this job's adapters, or none: the base weights
         if loras:
             clock.lap("load_loras")
-        if request.control_preprocess == "depth" and self.depth is not None:
-            inputs = replace(inputs, control=self.depth(inputs.control))  # runs on the device
+        # The preprocessors that run on the device (canny ran on the CPU, in load_control).
+        on_device = {"depth": self.depth, "pose": self.pose}.get(request.control_preprocess)
+        if on_device is not None:
+            inputs = replace(inputs, control=on_device(inputs.control))
             clock.lap("preprocess_control")
         expanded = None
         if inputs.image is not None and (request.strength == 0 or keeps_everything(inputs.mask)):
@@ -299,6 +326,8 @@ class Worker:
             raise no_depth_model()
         if request.enable_prompt_expansion and self.expander is None:
             raise no_expander()
+        if request.control_preprocess == "pose" and self.pose is None:
+            raise no_pose_model()
         return served
 
     @staticmethod

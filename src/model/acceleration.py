@@ -46,12 +46,11 @@ LEVELS: dict[str, dict[str, StepSchedule | None]] = {
 
 # Forecast: the output layer. Skipped on forecast steps: the main blocks, and the noise refiner
 # unless a ControlNet calls it too (it shares the transformer's refiners: a hook there would count
-# two calls a step). A ControlNet's own blocks are skipped too: their hints go only into the
-# skipped blocks.
+# two calls a step, and the ControlNet does not run on every step). The ControlNet itself does not
+# run on a forecast step (src/model/control_window.py): its hints go only into the skipped blocks.
 FORECAST = r"^all_final_layer\.[^.]+$"
 SKIPPED = r"^layers\.\d+$"
 SKIPPED_WITHOUT_CONTROL = r"^noise_refiner\.\d+$"
-SKIPPED_IN_CONTROLNET = r"^control_(layers|noise_refiner)\.\d+$"
 # diffusers.hooks.taylorseer_cache._TAYLORSEER_CACHE_HOOK: the name its hooks are registered under.
 HOOK = "taylorseer_cache"
 # A compiled block would be traced through the hooks, whose per-step state changes its guards:
@@ -82,16 +81,18 @@ def steps_run(num_inference_steps: int, strength: float | None) -> int:
     return num_inference_steps - start
 
 
-def steps_computed(schedule: StepSchedule | None, steps: int) -> int:
-    """How many of `steps` run the transformer's blocks: TaylorSeer's rule on config_for's config
-    (the warm-up, one step in `interval` after it, the cool-down); all of them without a schedule."""
+def computes(schedule: StepSchedule | None, steps: int, step: int) -> bool:
+    """Whether step `step` of `steps` runs the transformer's blocks: TaylorSeer's rule on config_for's
+    config (the warm-up, one step in `interval` after it, the cool-down); every step without a schedule."""
     if schedule is None:
-        return steps
+        return True
     last = max(steps - schedule.cool_down, schedule.warm_up)
-    return sum(
-        step < schedule.warm_up or (step - schedule.warm_up - 1) % schedule.interval == 0 or step >= last
-        for step in range(steps)
-    )
+    return step < schedule.warm_up or (step - schedule.warm_up - 1) % schedule.interval == 0 or step >= last
+
+
+def steps_computed(schedule: StepSchedule | None, steps: int) -> int:
+    """How many of `steps` run the transformer's blocks (`computes`)."""
+    return sum(computes(schedule, steps, step) for step in range(steps))
 
 
 def config_for(schedule: StepSchedule, steps: int, patterns: list[str]) -> TaylorSeerCacheConfig:
@@ -111,30 +112,24 @@ def step_cache(
     schedule: StepSchedule | None,
     steps: int,
     transformer: torch.nn.Module,
-    controlnet: torch.nn.Module | None = None,
+    with_controlnet: bool = False,
 ) -> Iterator[None]:
-    """The level's hooks on the transformer (and ControlNet) for one pipeline call, then none."""
+    """The level's hooks on the transformer for one pipeline call, then none.
+
+    A ControlNet gets no hooks here: on a forecast step its hints would only feed the skipped blocks,
+    so it does not run at all then (src/model/control_window.py asks `computes` which steps it runs).
+    """
     if schedule is None:
         yield
         return
-    skipped = [SKIPPED] if controlnet is not None else [SKIPPED, SKIPPED_WITHOUT_CONTROL]
-    hooked = [(transformer, config_for(schedule, steps, skipped))]
-    if controlnet is not None:
-        config = config_for(schedule, steps, [SKIPPED_IN_CONTROLNET])
-        hooked.append((controlnet, config))
+    skipped = [SKIPPED] if with_controlnet else [SKIPPED, SKIPPED_WITHOUT_CONTROL]
     try:
-        for module, config in hooked:
-            apply_taylorseer_cache(module, config)
-            # New hooks stale the registry's list of child registries, which the context reaches.
-            HookRegistry.check_if_exists_or_initialize(module).invalidate_child_registries_cache()
+        apply_taylorseer_cache(transformer, config_for(schedule, steps, skipped))
+        # New hooks stale the registry's list of child registries, which the context reaches.
+        HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
         with CacheMixin.cache_context(transformer, "job"):
-            if controlnet is None:
-                yield
-            else:
-                with CacheMixin.cache_context(controlnet, "job"):
-                    yield
+            yield
     finally:
-        for module, _ in hooked:
-            registry = HookRegistry.check_if_exists_or_initialize(module)
-            registry.remove_hook(HOOK, recurse=True)
-            registry.invalidate_child_registries_cache()
+        registry = HookRegistry.check_if_exists_or_initialize(transformer)
+        registry.remove_hook(HOOK, recurse=True)
+        registry.invalidate_child_registries_cache()

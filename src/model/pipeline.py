@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 
 from src.inputs.pictures import Inputs
 from src.model.acceleration import LEVELS, step_cache, steps_run
+from src.model.control_window import control_window, controlled_steps
 from src.model.files import ModelNotFound, load_failure
 from src.model.modes import MODES, mode_of
 from src.model.pixels import to_bytes
@@ -227,8 +228,12 @@ class ZImageGenerator:
         extra = mode.arguments(inputs, request)
         schedule = LEVELS[request.model][request.acceleration]
         steps = steps_run(request.num_inference_steps, extra.get("strength"))
-        with step_cache(schedule, steps, pipe.transformer, getattr(pipe, "controlnet", None)):
-            latents = pipe(**kwargs, **extra).images
+        # With control, the ControlNet runs on the steps of its window that the level computes.
+        controlnet = getattr(pipe, "controlnet", None)
+        runs = controlled_steps(steps, request.control_start, request.control_end, schedule)
+        with step_cache(schedule, steps, pipe.transformer, controlnet is not None):
+            with control_window(controlnet, runs):
+                latents = pipe(**kwargs, **extra).images
         clock.lap("denoise")
 
         # 3. Decode, denormalise to [0, 1]; the images stay on the device.

@@ -23,27 +23,17 @@ from pydantic import (
 
 from src.lora.files import LORA_PATH_RULE, MAX_LORAS, check_lora_path, shown_path
 from src.request.models import DEFAULT_MODEL, MAX_STEPS, MODELS
+from src.request.sizes import AUTO, AUTO_SOURCES, SIZE_RULE, parse_size
+from src.request.sizes import MAX_SIDE as MAX_SIDE
+from src.request.sizes import MIN_SIDE as MIN_SIDE
+from src.request.sizes import PRESET_SIZES as PRESET_SIZES
+from src.request.sizes import SIDE_STEP as SIDE_STEP
 from src.runtime.errors import JobError
 
 MAX_PROMPT_CHARS = 4000
 MAX_SEED = 2**32 - 1
 # The `acceleration` levels: none is the plain pipeline; the others reuse work between steps.
 ACCELERATION_LEVELS = ("none", "regular", "high")
-MIN_SIDE, MAX_SIDE, SIDE_STEP = 256, 2048, 16
-PRESET_SIZES = (
-    "512*512",
-    "768*768",
-    "1024*1024",
-    "1280*1280",
-    "1024*768",
-    "768*1024",
-    "1280*720",
-    "720*1280",
-)
-SIZE_RULE = (
-    f"'W*H' (or 'WxH') where width and height are multiples of {SIDE_STEP} in {MIN_SIDE}..{MAX_SIDE} "
-    f"(presets: {', '.join(PRESET_SIZES)})"
-)
 FORMAT_ALIASES = {"jpg": "jpeg"}
 # A body with a thousand bad keys is answered in a few clauses, not a thousand.
 MAX_PROBLEMS = 5
@@ -55,17 +45,6 @@ def _format_name(value: Any) -> Any:
         value = value.strip().lower()
         return FORMAT_ALIASES.get(value, value)
     return value
-
-
-def parse_size(size: str) -> tuple[int, int]:
-    """'1024*768' or '1024x768' -> (1024, 768); raises ValueError with the rule."""
-    match = re.fullmatch(r"\s*(\d{1,5})\s*[*xX]\s*(\d{1,5})\s*", size, flags=re.ASCII)
-    width, height = (int(match[1]), int(match[2])) if match else (0, 0)
-    sides_ok = all(side % SIDE_STEP == 0 and MIN_SIDE <= side <= MAX_SIDE for side in (width, height))
-    # The pixel budget is implied by the side bounds today; kept so a wider range cannot raise it.
-    if not sides_ok or width * height > MAX_SIDE * MAX_SIDE:
-        raise ValueError(SIZE_RULE)
-    return width, height
 
 
 class LoraSpec(BaseModel):
@@ -104,7 +83,10 @@ class GenerateRequest(BaseModel):
         description="an http(s) URL, a data:image/...;base64, URI or bare base64 of a mask the size of "
         "'image' (white = regenerate, black = keep)",
     )
-    size: str = Field(default="1024*1024", description=SIZE_RULE)
+    size: str = Field(
+        default="1024*1024",
+        description=f"{SIZE_RULE}, or '{AUTO}' (the size of 'image', else of 'control_image')",
+    )
     strength: float = Field(
         default=0.8,
         ge=0.0,
@@ -152,8 +134,8 @@ class GenerateRequest(BaseModel):
         description="an http(s) URL, a data:image/...;base64, URI or bare base64 of a control map (or, "
         "with 'control_preprocess', of a picture to make one from)",
     )
-    control_preprocess: Literal["none", "canny", "depth"] = Field(
-        default="none", description="one of none, canny, depth (with 'control_image' only)"
+    control_preprocess: Literal["none", "canny", "depth", "pose"] = Field(
+        default="none", description="one of none, canny, depth, pose (with 'control_image' only)"
     )
     control_scale: float = Field(
         default=0.75,
@@ -161,6 +143,24 @@ class GenerateRequest(BaseModel):
         le=2.0,
         allow_inf_nan=False,
         description="a number from 0.0 to 2.0 (with 'control_image' only)",
+    )
+    # Step i of n (from 0) runs the ControlNet when control_start <= i/n < control_end
+    # (src/model/control_window.py); 0.0 and 1.0 are every step, the plain control pipeline.
+    control_start: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="a number from 0.0 to 1.0, the fraction of the steps before control begins "
+        "(with 'control_image' only)",
+    )
+    control_end: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="a number from 0.0 to 1.0, greater than control_start: the fraction of the steps "
+        "after which control stops (with 'control_image' only)",
     )
 
     model: Literal[tuple(MODELS)] = Field(  # type: ignore[valid-type]
@@ -207,8 +207,18 @@ class GenerateRequest(BaseModel):
     @field_validator("size")
     @classmethod
     def _size_allowed(cls, size: str) -> str:
-        parse_size(size)
+        if size != AUTO:
+            parse_size(size)
         return size
+
+    @model_validator(mode="after")
+    def _auto_needs_a_picture(self) -> GenerateRequest:
+        if self.size == AUTO and self.auto_source is None:
+            raise ValueError(
+                "size: 'auto' takes the size of 'image' or 'control_image', and this request has neither: "
+                "send 'W*H' (e.g. '1024*1024'), or leave 'size' out for 1024*1024"
+            )
+        return self
 
     @model_validator(mode="after")
     def _strength_needs_image(self) -> GenerateRequest:
@@ -228,12 +238,21 @@ class GenerateRequest(BaseModel):
 
     @model_validator(mode="after")
     def _control_fields_need_control_image(self) -> GenerateRequest:
-        for name in ("control_preprocess", "control_scale"):
+        for name in ("control_preprocess", "control_scale", "control_start", "control_end"):
             if name in self.model_fields_set and self.control_image is None:
                 raise ValueError(
                     f"{name}: only applies with 'control_image': send 'control_image' with it, "
                     f"or leave '{name}' out"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _control_window_not_empty(self) -> GenerateRequest:
+        if self.control_end <= self.control_start:
+            raise ValueError(
+                f"control_end: {self.control_end!r} is not allowed: it must be greater than control_start "
+                f"({self.control_start!r}): control runs on the steps i of n with start <= i/n < end"
+            )
         return self
 
     @model_validator(mode="after")
@@ -264,7 +283,17 @@ class GenerateRequest(BaseModel):
         return self
 
     @property
+    def auto_source(self) -> str | None:
+        """The picture field whose size `size: "auto"` takes (None: the request has no picture)."""
+        return next((name for name in AUTO_SOURCES if getattr(self, name) is not None), None)
+
+    def with_size(self, width: int, height: int) -> GenerateRequest:
+        """The same request at a resolved size (`auto` once its picture is open)."""
+        return self.model_copy(update={"size": f"{width}*{height}"})
+
+    @property
     def width(self) -> int:
+        """Only for a resolved size: `auto` is replaced (with_size) before anything asks."""
         return parse_size(self.size)[0]
 
     @property

@@ -71,6 +71,13 @@ class Settings:
     prompt_expander_model: str = "none"
     # Added to `cost` once per request whose prompt was expanded.
     prompt_expansion_price_usd: float = 0.0025
+    # The ViTPose (transformers VitPoseForPoseEstimation) for control_preprocess "pose", loaded only
+    # with a ControlNet, found like DEPTH_MODEL; "none" turns that preprocessor off (the Docker
+    # image bakes usyd-community/vitpose-base-simple and sets it).
+    pose_model: str = "none"
+    # The person detector beside it (transformers RTDetrForObjectDetection with a `person` label),
+    # found the same way; read only when POSE_MODEL is set.
+    pose_detector_model: str = "PekingU/rtdetr_r50vd_coco_o365"
     # Jobs in flight on one worker (Runpod's concurrency_modifier); the GPU still runs one at a
     # time, and the others fetch inputs, encode and upload meanwhile. 1 = strictly one job.
     max_concurrency: int = 2
@@ -112,6 +119,10 @@ class Settings:
     @property
     def depth_enabled(self) -> bool:
         return self.control_enabled and self.depth_model.lower() != "none"
+
+    @property
+    def pose_enabled(self) -> bool:
+        return self.control_enabled and self.pose_model.lower() != "none"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -180,6 +191,8 @@ class Settings:
             prompt_expansion_price_usd=_number(
                 env, "PROMPT_EXPANSION_PRICE_USD", cls.prompt_expansion_price_usd, 0.0, 1000.0
             ),
+            pose_model=text("POSE_MODEL", cls.pose_model),
+            pose_detector_model=text("POSE_DETECTOR_MODEL", cls.pose_detector_model),
             safety_threshold=_number(env, "SAFETY_THRESHOLD", cls.safety_threshold, 0.0, 1.0),
             bucket_endpoint_url=endpoint,
             bucket_access_key_id=bucket["BUCKET_ACCESS_KEY_ID"],
