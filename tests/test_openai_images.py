@@ -128,10 +128,9 @@ def via_job_queue(queue: JobQueue) -> RunJob:
 # ------------------------------------------------------------------- pictures
 def picture(size: tuple[int, int] = (256, 256)) -> Image.Image:
     """A picture with structure in every region, so kept and regenerated pixels tell apart."""
-    gradient = Image.linear_gradient("L").resize(size)
-    return Image.merge(
-        "RGB", (gradient, gradient.transpose(Image.Transpose.ROTATE_90), Image.new("L", size, 90))
-    )
+    gradient = Image.linear_gradient("L")
+    across = gradient.transpose(Image.Transpose.ROTATE_90).resize(size)
+    return Image.merge("RGB", (gradient.resize(size), across, Image.new("L", size, 90)))
 
 
 def png_uri(image: Image.Image) -> str:
