@@ -1,4 +1,5 @@
-"""Every request example in the README is served by a tiny model, via the local API and the CLI."""
+"""The README and docs/: every request example is served by a tiny model, via the local API and
+the CLI, and every relative link and `#anchor` leads somewhere."""
 
 from __future__ import annotations
 
@@ -19,12 +20,14 @@ from tests.tiny_controlnets import build_tiny_depth, save_controlnet
 from tests.tiny_loras import make_lora, save_lora
 
 README = (ROOT / "README.md").read_text()
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def readme_examples() -> list[dict]:
-    blocks = re.findall(r"```json\n(.*?)```", README, flags=re.S)
+    """Every `{"input": ...}` JSON block of the README and docs/."""
+    blocks = [b for page in PAGES for b in re.findall(r"```json\n(.*?)```", page.read_text(), flags=re.S)]
     jobs = [json.loads(block) for block in blocks if block.lstrip().startswith('{"input"')]
-    assert len(jobs) >= 5
+    assert len(jobs) >= 10
     return jobs
 
 
