@@ -1,7 +1,7 @@
 """The modes added after text-to-image (inpainting, LoRAs, control), found from the request model.
 
 Each one's row turns on when its field lands in `GenerateRequest`; until then it is a named
-skip. Kept apart from gpu_sections.py so that adding a mode touches only this table.
+skip. Kept apart from sections.py so that adding a mode touches only this table.
 """
 
 from __future__ import annotations
