@@ -6,7 +6,7 @@
 
 Deployed, this file is the container's command: the weights load once, before the
 first job is taken, then the Runpod SDK's job loop (src/jobs/job_loop.py) keeps up to
-MAX_CONCURRENCY jobs in flight. The work lives in src/ (see README, "Layout").
+MAX_CONCURRENCY jobs in flight. The work lives in src/ (see docs/architecture.md).
 """
 
 import time
