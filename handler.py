@@ -7,7 +7,7 @@
 Deployed, this file is the container's command: the weights load once, before the
 first job is taken, then the Runpod SDK's job loop (src/jobs/job_loop.py) keeps up to
 MAX_CONCURRENCY jobs in flight. A job whose input carries `openai_route` speaks OpenAI's Images
-API (src/openai_images/). The work lives in src/ (see README, "Layout").
+API (src/openai_images/). The work lives in src/ (see docs/architecture.md).
 """
 
 import time

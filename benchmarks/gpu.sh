@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU figure of the worker in one command of at most 8 minutes (README, "Performance").
+# Every GPU figure of the worker in one command of at most 8 minutes (docs/performance.md).
 #
 #   bash benchmarks/gpu.sh --prepare [DIR]  # here, with PyPI: the wheels the GPU machine lacks (.whl)
 #   bash benchmarks/gpu.sh                  # on the GPU machine, from the repository root, offline
@@ -7,7 +7,7 @@
 #
 # Results go to $OUT (else benchmarks/results/): gpu-results.jsonl, gpu-results.md, gpu-log.txt.
 # PYTHON picks the interpreter (python3: on the GPU machine, the one that has torch);
-# GPU_BENCH_WHEELS the wheel folder (.whl); the rest is in benchmarks/gpu_bench.py.
+# GPU_BENCH_WHEELS the wheel folder (.whl); the rest is in benchmarks/gpu/bench.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # The 8 minutes count from here: the wheel install is part of them.
@@ -16,7 +16,7 @@ PY="${PYTHON:-python3}"
 WHEELS="${GPU_BENCH_WHEELS:-.whl}"
 
 case "${1:-}" in
-  --prepare) exec "$PY" benchmarks/gpu_wheels.py prepare "${2:-$WHEELS}" ;;
+  --prepare) exec "$PY" benchmarks/gpu/wheels.py prepare "${2:-$WHEELS}" ;;
   --tiny) export GPU_BENCH_TINY=1 ;;
   "") ;;
   *) echo "usage: bash benchmarks/gpu.sh [--prepare [DIR] | --tiny]" >&2; exit 2 ;;
@@ -28,7 +28,7 @@ if compgen -G "$WHEELS/*.whl" >/dev/null; then
   SITE="${GPU_BENCH_SITE:-/tmp/zimage-bench-site}"
   # --target on PYTHONPATH, --no-deps: the machine's own torch is never replaced.
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-  "$PY" benchmarks/gpu_wheels.py install "$WHEELS" "$SITE" \
+  "$PY" benchmarks/gpu/wheels.py install "$WHEELS" "$SITE" \
     || echo "wheel install failed; the machine section shows which imports fail" >&2
 fi
-exec "$PY" benchmarks/gpu_bench.py
+exec "$PY" benchmarks/gpu/bench.py

@@ -38,7 +38,7 @@ import transformers  # noqa: E402
 from diffusers import ZImagePipeline  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from benchmarks.gpu_report import END, START, replace_section  # noqa: E402
+from benchmarks.gpu.report import END, START, replace_section  # noqa: E402
 from builder.tiny_model import build_tiny_zimage, tiny_tokenizer  # noqa: E402
 from src.delivery.encoding import encode_image, fast_png  # noqa: E402
 from src.jobs.worker import Worker  # noqa: E402
@@ -234,7 +234,7 @@ def write_report(path: Path, sections: list[str]) -> None:
     ]
     text = "\n".join(header + sections) + "\n"
     old = path.read_text() if path.exists() else ""
-    if START in old and END in old:  # GPU figures from benchmarks/gpu_report.py outlive a CPU run
+    if START in old and END in old:  # GPU figures from benchmarks/gpu/report.py outlive a CPU run
         text = replace_section(text, START + old.split(START, 1)[1].split(END, 1)[0] + END)
     path.write_text(text + other_benchmarks(old))
 
@@ -336,11 +336,11 @@ def main() -> None:
             "add `--compile` to measure regional torch.compile.",
             "",
             "Other measured costs: the safety checker in `benchmarks/results/safety_cost.md`",
-            "(`python benchmarks/safety_cost.py`); inpainting against image-to-image in",
-            "`benchmarks/results/inpaint_cost.md` (`python benchmarks/inpaint_cost.py`); a 1024x1024",
+            "(`python benchmarks/cost/safety.py`); inpainting against image-to-image in",
+            "`benchmarks/results/inpaint_cost.md` (`python benchmarks/cost/inpaint.py`); a 1024x1024",
             "PNG upload to a loopback S3 server is about 10 ms (2.2 MB photo-like image, median of 30,",
             "`tests/test_storage.py`'s server).",
-            "`bash benchmarks/gpu.sh` measures every GPU figure in one 8-minute run (README, Performance).",
+            "`bash benchmarks/gpu.sh` measures every GPU figure in one 8-minute run (docs/performance.md).",
             END,
             "",
         ]

@@ -1,2 +1,2 @@
 """Z-Image on the Runpod serverless SDK: eight packages, each importing only those below it
-(README, "Layout")."""
+(docs/architecture.md)."""

@@ -209,7 +209,7 @@ def failed_start(model: Path, port: int | None = None) -> str:
 
 
 def serve_api_command(port: int) -> list[str]:
-    """`python handler.py --rp_serve_api` on a loopback port, as the README runs it."""
+    """`python handler.py --rp_serve_api` on a loopback port, as docs/running-locally.md runs it."""
     return [
         sys.executable,
         "handler.py",

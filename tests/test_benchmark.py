@@ -29,7 +29,7 @@ def test_full_size_architecture_matches_the_published_model():
 def test_the_job_loop_benchmark_runs_and_writes_its_table(tmp_path):
     out = tmp_path / "job_loop.md"
     done = subprocess.run(
-        [sys.executable, "benchmarks/job_loop.py", "--quick", "--jobs", "3", "--out", str(out)],
+        [sys.executable, "benchmarks/loop/job_loop.py", "--quick", "--jobs", "3", "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -48,7 +48,7 @@ def test_the_acceleration_benchmark_runs_and_writes_a_row_per_model_and_level(tm
     from src.model.acceleration import LEVELS
 
     out = tmp_path / "acceleration.md"
-    command = ["benchmarks/acceleration.py", "--size", "512*512", "--runs", "1", "--turbo-steps", "4"]
+    command = ["benchmarks/cost/acceleration.py", "--size", "512*512", "--runs", "1", "--turbo-steps", "4"]
     done = subprocess.run(
         [sys.executable, *command, "--base-steps", "4", "--out", str(out)],
         cwd=ROOT,

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.gpu_bench import BOXES, RESULTS, TABLE
-from benchmarks.gpu_report import END, START, gpu_section, read_results, replace_section
-from benchmarks.gpu_wheels import MAX_MIB, normalise, pinned, wheel_name_version
+from benchmarks.gpu.bench import BOXES, RESULTS, TABLE
+from benchmarks.gpu.report import END, START, gpu_section, read_results, replace_section
+from benchmarks.gpu.wheels import MAX_MIB, normalise, pinned, wheel_name_version
 from tests.conftest import ROOT
 
 
@@ -37,7 +37,7 @@ def gpu_sh(*args: str, env: dict[str, str], timeout: int) -> subprocess.Complete
 def test_carried_pins_are_the_docker_locks_and_the_versions_the_tests_run_with():
     cuda_lock = (ROOT / "locks/worker-cuda.txt").read_text()
     for name, version in pinned().items():
-        if name == "torchao":  # only the GPU machine's fp8 row uses it: in no lock (gpu_wheels.FP8)
+        if name == "torchao":  # only the GPU machine's fp8 row uses it: in no lock (gpu/wheels.py's FP8)
             continue
         assert f"\n{name}=={version} " in cuda_lock.replace("_", "-").lower(), name
         assert importlib.metadata.version(name) == version, name
@@ -70,7 +70,7 @@ def test_prepare_fetches_one_linux_cp312_wheel_per_missing_package(tmp_path):
     for flags, folder, names in (([], wheels, {"torchao"}), (["-S"], portable, expected)):
         site = tmp_path / f"site{len(flags)}"
         subprocess.run(
-            [sys.executable, *flags, "benchmarks/gpu_wheels.py", "install", str(folder), str(site)],
+            [sys.executable, *flags, "benchmarks/gpu/wheels.py", "install", str(folder), str(site)],
             cwd=ROOT,
             check=True,
         )
@@ -136,7 +136,7 @@ def test_sections_measure_what_they_name(tiny_run):
         row = by[("modes", mode)]
         assert "skipped" not in row and "error" not in row and row["denoise_ms"] > 0, row
     loop = [row for row in rows if row["section"] == "job_loop"]
-    assert loop and ("skipped" in loop[0]) == (not (ROOT / "benchmarks" / "job_loop.py").exists())
+    assert loop and ("skipped" in loop[0]) == (not (ROOT / "benchmarks" / "loop" / "job_loop.py").exists())
 
 
 def test_table_and_report_from_the_tiny_run(tiny_run, tmp_path):
@@ -146,7 +146,7 @@ def test_table_and_report_from_the_tiny_run(tiny_run, tmp_path):
     benchmarks = tmp_path / "BENCHMARKS.md"
     original = (ROOT / "BENCHMARKS.md").read_text()
     benchmarks.write_text(original)
-    command = [sys.executable, "benchmarks/gpu_report.py", str(tiny_run), "--benchmarks", str(benchmarks)]
+    command = [sys.executable, "benchmarks/gpu/report.py", str(tiny_run), "--benchmarks", str(benchmarks)]
     subprocess.run(command, cwd=ROOT, check=True)
     once = benchmarks.read_text()
     assert once.split(START)[0] == original.split(START)[0]  # the CPU sections are untouched
@@ -176,7 +176,7 @@ def test_report_keeps_a_cut_run_and_appends_where_no_markers_are():
 
 def test_jobs_run_through_a_plain_or_a_coroutine_handle():
     """Worker.handle is becoming async: both forms work, and an async worker's lock survives jobs."""
-    from benchmarks.gpu_sections import handle
+    from benchmarks.gpu.sections import handle
 
     class AsyncWorker:  # the shape only: handle awaits a lock made in the loop of the first job
         lock: asyncio.Lock | None = None

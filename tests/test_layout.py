@@ -1,4 +1,4 @@
-"""The layout of src/: a few packages, stacked, importing only downwards (README, "Layout").
+"""The layout of src/: a few packages, stacked, importing only downwards (docs/architecture.md).
 
 Read from the source's imports (every `import src.…` and `from src.… import`, inside functions
 and type-checking blocks too), so the rule stays true as code moves.

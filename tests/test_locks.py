@@ -120,7 +120,7 @@ def test_everything_installs_from_the_locks():
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "--require-hashes --no-deps -r /tmp/worker-cuda.txt" in dockerfile
     assert "COPY locks/worker-cuda.txt /tmp/worker-cuda.txt" in dockerfile
-    assert "worker-cuda.txt" in (ROOT / "benchmarks/gpu_wheels.py").read_text()
+    assert "worker-cuda.txt" in (ROOT / "benchmarks/gpu/wheels.py").read_text()
 
 
 def test_the_lock_script_writes_every_lock_from_the_top_level_files():

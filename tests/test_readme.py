@@ -1,4 +1,5 @@
-"""Every request example in the README is served by a tiny model, via the local API and the CLI."""
+"""The README and docs/: every request example is served by a tiny model, via the local API and
+the CLI, and every relative link and `#anchor` leads somewhere."""
 
 from __future__ import annotations
 
@@ -19,12 +20,14 @@ from tests.tiny_controlnets import build_tiny_depth, save_controlnet
 from tests.tiny_loras import make_lora, save_lora
 
 README = (ROOT / "README.md").read_text()
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def readme_examples() -> list[dict]:
-    blocks = re.findall(r"```json\n(.*?)```", README, flags=re.S)
+    """Every `{"input": ...}` JSON block of the README and docs/."""
+    blocks = [b for page in PAGES for b in re.findall(r"```json\n(.*?)```", page.read_text(), flags=re.S)]
     jobs = [json.loads(block) for block in blocks if block.lstrip().startswith('{"input"')]
-    assert len(jobs) >= 5
+    assert len(jobs) >= 10
     return jobs
 
 
@@ -52,7 +55,7 @@ def offline(job: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def lora_dir(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A LORA_DIRS folder with every file the README's examples name, and the stand-ins for URLs."""
+    """A LORA_DIRS folder with every file the examples name, and the stand-ins for URLs."""
     folder = tmp_path_factory.mktemp("readme-loras")
     names = {lora["path"] for job in readme_examples() for lora in offline(job)["input"].get("loras", [])}
     for seed, name in enumerate(sorted(names)):
@@ -62,8 +65,8 @@ def lora_dir(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 @pytest.fixture(scope="module")
 def readme_env(tiny_model: Path, lora_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """The README's LoRAs in LORA_DIRS, a tiny 2.1 ControlNet and depth model for its control example,
-    and a base-shaped model for its two-models example."""
+    """The examples' LoRAs in LORA_DIRS, a tiny 2.1 ControlNet and depth model for the control example,
+    and a base-shaped model for the two-models example."""
     root = tmp_path_factory.mktemp("readme-control")
     _, release = save_controlnet(tiny_model, "2.1", root / "cn")
     depth = build_tiny_depth(root / "depth")
@@ -79,7 +82,7 @@ def readme_env(tiny_model: Path, lora_dir: Path, tmp_path_factory: pytest.TempPa
 
 @pytest.fixture(scope="module")
 def api(readme_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalAPI]:
-    """conftest's local API, with the README's LoRAs and a ControlNet."""
+    """conftest's local API, with the examples' LoRAs and a ControlNet."""
     env = readme_env
     with local_api(env, tmp_path_factory.mktemp("logs") / "readme-api.log") as server:
         yield server

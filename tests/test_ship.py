@@ -472,8 +472,8 @@ def test_every_runpodignore_exclusion_says_why():
 
 
 # ------------------------------------------------------------------ the deploy guide
-README = (ROOT / "README.md").read_text()
-DEPLOY = README.split("\n## Deploy\n", 1)[1].split("\n## ", 1)[0]
+DEPLOY = (ROOT / "docs/deploy.md").read_text()
+DOCS = "\n".join(page.read_text() for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
 
 
 def test_the_deploy_guide_documents_every_build_arg_and_the_hub_gpus():
@@ -487,7 +487,7 @@ def test_the_deploy_guide_documents_every_build_arg_and_the_hub_gpus():
 def test_the_deploy_guides_first_call_is_a_valid_request():
     (body,) = re.findall(r"-d '(\{.*?\})'", DEPLOY)
     parse_request(json.loads(body)["input"])
-    for other in re.findall(r"-d '(\{.*?\})'", README):  # the other curl examples too
+    for other in re.findall(r"-d '(\{.*?\})'", DOCS):  # the other curl examples too
         parse_request(json.loads(other)["input"])
 
 

@@ -5,7 +5,7 @@ after a warm-up, and it leaves no temporary file behind. The worker runs with it
 so anything it writes through `tempfile` is seen; the Runpod SDK's downloader would write to
 `jobs/` or `job_files/` under its working directory (the repo root), checked as well.
 
-Run with `-s` to see the figures (they are printed for the README's Reliability section).
+Run with `-s` to see the figures (they are printed for docs/reliability.md).
 """
 
 from __future__ import annotations

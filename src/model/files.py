@@ -21,7 +21,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 HOW_TO_FIX = (
-    "Bake the weights into the image (docker build, see README 'Deploy'), enable Runpod's cached "
+    "Bake the weights into the image (docker build, see docs/deploy.md), enable Runpod's cached "
     "model for the repo on the endpoint, mount a network volume holding the folder, or set {name} "
     "to a local diffusers folder (for a CPU try: python builder/tiny_model.py /tmp/tiny-zimage)."
 )

@@ -64,7 +64,7 @@ def load_pipeline(
         raise ModelNotFound(
             f"{setting}: the model folder {folder} is there but cannot be loaded "
             f"({load_failure(err)}). A file in it is truncated or corrupt: download or "
-            "copy the weights again, or rebuild the image (README, 'Deploy')."
+            "copy the weights again, or rebuild the image (docs/deploy.md)."
         ) from None
 
 

@@ -1,4 +1,4 @@
-"""`handler.py` in the Runpod SDK's stock job loop, for comparison (benchmarks/job_loop.py).
+"""`handler.py` in the Runpod SDK's stock job loop, for comparison (benchmarks/loop/job_loop.py).
 
 The same async handler and `concurrency_modifier`, without src/jobs/job_loop.py's scaler: what
 `runpod.serverless.start` alone does with this worker.
@@ -7,7 +7,7 @@ The same async handler and `concurrency_modifier`, without src/jobs/job_loop.py'
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import runpod  # noqa: E402
 

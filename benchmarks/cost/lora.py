@@ -1,6 +1,6 @@
 """What a LoRA costs a job, and how big the real model's adapters are.
 
-    python benchmarks/lora_cost.py [--runs 5] [--size 512*512] [--steps 8]
+    python benchmarks/cost/lora.py [--runs 5] [--size 512*512] [--steps 8]
 
 On the tiny model (CPU), through the real worker: a plain job, then one LoRA job in each
 state: first use (downloaded from a loopback host), cache hit (file on disk, not loaded),
@@ -23,7 +23,7 @@ from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 os.environ["RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS"] = "1"  # the LoRA host is on loopback
 

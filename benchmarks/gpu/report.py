@@ -1,6 +1,6 @@
 """Turn a GPU run's results into BENCHMARKS.md's GPU section.
 
-    python benchmarks/gpu_report.py DIR [--benchmarks BENCHMARKS.md]
+    python benchmarks/gpu/report.py DIR [--benchmarks BENCHMARKS.md]
 
 DIR holds `gpu-results.jsonl` from `bash benchmarks/gpu.sh` (fetched from the GPU machine's
 $OUT). Only the text between the two markers below is replaced; where BENCHMARKS.md has no
@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 START = "<!-- gpu-bench:start -->"
 END = "<!-- gpu-bench:end -->"
 
@@ -100,8 +100,8 @@ def gpu_section(rows: list[dict[str, Any]]) -> str:
         f"- date: {run.get('started_utc', '?')} UTC ({mode} run, budget {run.get('budget_s', '?')} s)",
         f"- device: {gpu['device']}, {gpu['memory_gib']} GiB, driver {gpu['driver']}",
         f"- torch {gpu['torch']}, CUDA {gpu['cuda']}, Python {gpu['python']}",
-        "- command: `bash benchmarks/gpu.sh`, then `python benchmarks/gpu_report.py DIR` (README, "
-        "Performance); medians of the timed jobs after a warm-up job, milliseconds unless stated",
+        "- command: `bash benchmarks/gpu.sh`, then `python benchmarks/gpu/report.py DIR` "
+        "(docs/performance.md); medians of the timed jobs after a warm-up job, milliseconds unless stated",
         f"- model: {MODEL_LINES.get(mode, mode)}",
         "",
         section_markdown(rows, level="###"),

@@ -1,6 +1,6 @@
 """Both models on one worker: each model's stages with its own defaults, on the tiny models (CPU).
 
-    python benchmarks/two_models.py --runs 3 --out benchmarks/results/two_models.md
+    python benchmarks/cost/two_models.py --runs 3 --out benchmarks/results/two_models.md
 
 Turbo (8 steps, no guidance) and a base-shaped tiny model (Turbo's text encoder, tokenizer and
 VAE files, a transformer of other weights; 50 steps, guidance 4.0 with a negative prompt), both
@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import platform
 import statistics
 import sys
 import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import results_file  # noqa: E402
 from builder.tiny_model import build_tiny_base, build_tiny_zimage  # noqa: E402
 from src.jobs.worker import Worker  # noqa: E402
 from src.runtime.settings import Settings  # noqa: E402
@@ -59,21 +57,13 @@ def main() -> None:
             )
             rows.append(row)
             print(row, flush=True)
-    keys = list(rows[0])
-    table = ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
-    table += ["| " + " | ".join(str(row[key]) for key in keys) + " |" for row in rows]
-    header = [
-        "# Both models on one worker (tiny models)",
-        "",
-        f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {platform.machine()} CPU, {os.cpu_count()} cores",
-        f"- {args.size}, each model's defaults (Turbo 8 steps, guidance 0; base 50 steps, guidance 4.0 "
-        f"and a negative prompt), PNG, data URI; medians of {args.runs} jobs after a warm-up, ms",
-        "- command: `python benchmarks/two_models.py`",
-        "",
+    facts = [
+        f"{args.size}, each model's defaults (Turbo 8 steps, guidance 0; base 50 steps, guidance 4.0 "
+        f"and a negative prompt), PNG, data URI; medians of {args.runs} jobs after a warm-up, ms"
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(header + table) + "\n")
-    print("\n".join(table))
+    header = results_file.header("Both models on one worker (tiny models)", facts)
+    results_file.write(args.out, header + results_file.table(rows))
+    print("\n".join(results_file.table(rows)))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The modes added after text-to-image (inpainting, LoRAs, control), found from the request model.
 
 Each one's row turns on when its field lands in `GenerateRequest`; until then it is a named
-skip. Kept apart from gpu_sections.py so that adding a mode touches only this table.
+skip. Kept apart from sections.py so that adding a mode touches only this table.
 """
 
 from __future__ import annotations
@@ -156,10 +156,10 @@ def random_expander(worker: Worker) -> dict[str, Any]:
 
     As src/model/expander_weights.py builds it from Qwen/Qwen3-4B: every tensor the encoder's but
     the last layer's MLP up and down projections, the head tied to the embeddings (so ~0.1 GB
-    more). Timed first through the worker's own loop (benchmarks/expansion.py): on CUDA a
+    more). Timed first through the worker's own loop (benchmarks/cost/expansion.py): on CUDA a
     300-token prompt, then exactly 200 new tokens; the compile of the one-token step happens there.
     """
-    from benchmarks.expansion import expander_over, time_rewrites
+    from benchmarks.cost.expansion import expander_over, time_rewrites
 
     generator = worker.generator
     start = time.perf_counter()

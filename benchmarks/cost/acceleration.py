@@ -1,6 +1,6 @@
 """Acceleration levels: denoise time and pixel change per model and level, on the tiny models (CPU).
 
-    python benchmarks/acceleration.py --runs 3 --out benchmarks/results/acceleration.md
+    python benchmarks/cost/acceleration.py --runs 3 --out benchmarks/results/acceleration.md
 
 Turbo at 30 steps (guidance 0) and a base-shaped tiny model at 50 steps (guidance 4.0 with a
 negative prompt), both loaded by one `Worker.start`, at 1024*1024. For each model, one warm-up
@@ -18,24 +18,20 @@ import asyncio
 import base64
 import io
 import math
-import os
-import platform
-import shlex
 import statistics
 import sys
 import tempfile
 from dataclasses import astuple
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from benchmarks import results_file  # noqa: E402
 from builder.tiny_model import build_tiny_base, build_tiny_zimage  # noqa: E402
 from src.jobs.worker import Worker  # noqa: E402
 from src.model.acceleration import LEVELS, steps_computed  # noqa: E402
@@ -134,7 +130,7 @@ def main() -> None:
     }
     # One event loop for every job: the worker's locks and queues belong to the loop that first used them.
     loop = asyncio.new_event_loop()
-    load_before = os.getloadavg()[0]  # a shared machine slows every level; the ratios stay readable
+    load_before = results_file.load_average()  # a shared machine slows every level; the ratios stay readable
     rows = []
     with tempfile.TemporaryDirectory(prefix="zimage-acceleration-") as tmp:
         turbo = build_tiny_zimage(Path(tmp) / "turbo")
@@ -144,26 +140,15 @@ def main() -> None:
             found = measure(worker, loop, model, {"size": args.size, "model": model, **extra}, args.runs)
             rows += rows_for(model, extra["num_inference_steps"], found)
     loop.close()
-    keys = list(rows[0])
-    table = ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
-    table += ["| " + " | ".join(str(row[key]) for key in keys) + " |" for row in rows]
-    header = [
-        "# Acceleration levels (tiny models)",
-        "",
-        f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
-        f"- machine: {platform.platform()}, {os.cpu_count()} CPUs; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} torch threads; 1-minute load average {load_before:.1f} at the start, "
-        f"{os.getloadavg()[0]:.1f} at the end",
-        f"- {args.size}; Turbo {args.turbo_steps} steps, guidance 0; base {args.base_steps} steps, guidance "
+    facts = [
+        f"{args.size}; Turbo {args.turbo_steps} steps, guidance 0; base {args.base_steps} steps, guidance "
         f"4.0 and a negative prompt; PNG, data URI. Medians of {args.runs} rounds after a warm-up round, "
         "each round every level with one prompt and seed; pixel differences against `none`'s image of "
-        "the same round (0-255, all channels)",
-        f"- command: `{shlex.join(['python', 'benchmarks/acceleration.py', *sys.argv[1:]])}`",
-        "",
+        "the same round (0-255, all channels)"
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(header + table) + "\n")
-    print("\n".join(table))
+    header = results_file.header("Acceleration levels (tiny models)", facts, load_at_start=load_before)
+    results_file.write(args.out, header + results_file.table(rows))
+    print("\n".join(results_file.table(rows)))
 
 
 if __name__ == "__main__":

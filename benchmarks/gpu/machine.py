@@ -17,10 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.gpu_bench import Config, emit, injected_fault  # noqa: E402
+from benchmarks.gpu.bench import Config, emit, injected_fault  # noqa: E402
 
 # What each pinned distribution is imported as; runpod only for what the worker uses.
 MODULES = {

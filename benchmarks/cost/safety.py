@@ -1,6 +1,6 @@
 """What the safety checker costs per image, through the worker's own SafetyChecker code path.
 
-    .venv/bin/python benchmarks/safety_cost.py [--machine "2-core CPU sandbox"] [--out FILE]
+    .venv/bin/python benchmarks/cost/safety.py [--machine "2-core CPU sandbox"] [--out FILE]
 
 Two checkers, both real ViTForImageClassification folders loaded by `SafetyChecker.load`:
 - tiny: the tests' 32x32, 1-layer checker (builder/tiny_model.py);
@@ -15,21 +15,19 @@ includes the resize and normalisation. Prints a markdown table and writes it to 
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor  # noqa: E402
 
+from benchmarks import results_file  # noqa: E402
 from builder.tiny_model import build_tiny_safety_checker  # noqa: E402
 from src.model.pipeline import pick_device  # noqa: E402
 from src.model.safety import SafetyChecker  # noqa: E402
@@ -66,8 +64,8 @@ def time_batches(checker: SafetyChecker, device: torch.device, repeats: int) -> 
 
 def default_machine(device: torch.device) -> str:
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{os.cpu_count()}-core CPU ({platform.machine()})"
+        return f"{torch.cuda.get_device_name(device)}, {results_file.machine()}"
+    return results_file.machine()
 
 
 def main() -> None:
@@ -92,27 +90,22 @@ def main() -> None:
             for batch, ms in time_batches(checker, device, args.repeats).items():
                 rows.append(f"| {name} | {params / 1e6:.2f} M | {batch} | {ms:.1f} | {ms / batch:.1f} |")
 
-    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
-    table = "\n".join(
-        [
-            "# Safety checker cost per image",
-            "",
-            f"- date: {datetime.date.today().isoformat()}",
-            f"- machine: {args.machine or default_machine(device)}{load}",
-            f"- device: {device}, {str(dtype).removeprefix('torch.')}; torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads",
-            f"- input: {SIDE}x{SIDE} images in [0, 1] on the device, resize + normalise + classify "
-            f"(`SafetyChecker.flags`), median of {args.repeats} runs after 2 warm-up runs",
-            "",
-            "| checker | parameters | batch | ms per batch | ms per image |",
-            "| --- | ---: | ---: | ---: | ---: |",
-            *rows,
-            "",
-        ]
+    facts = [
+        f"device: {device}, {str(dtype).removeprefix('torch.')}",
+        f"input: {SIDE}x{SIDE} images in [0, 1] on the device, resize + normalise + classify "
+        f"(`SafetyChecker.flags`), median of {args.repeats} runs after 2 warm-up runs",
+    ]
+    host = args.machine or default_machine(device)
+    table = [
+        "| checker | parameters | batch | ms per batch | ms per image |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        *rows,
+    ]
+    print(
+        results_file.write(
+            args.out, results_file.header("Safety checker cost per image", facts, host=host) + table
+        )
     )
-    print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table)
     print(f"written to {args.out}")
 
 

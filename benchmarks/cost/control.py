@@ -1,6 +1,6 @@
 """What control costs on top of plain text-to-image, through the worker's own job path.
 
-    python benchmarks/control_cost.py [--runs 5] [--size 1024*1024]
+    python benchmarks/cost/control.py [--runs 5] [--size 1024*1024]
 
 On the tiny model with a tiny 2.1-style ControlNet and a tiny Depth Anything (tests/
 tiny_controlnets.py): the same job plain, with a ready control map (`none`), with `canny`
@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.run import photo_like  # noqa: E402

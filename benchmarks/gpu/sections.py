@@ -1,4 +1,4 @@
-"""The benchmark's model sections, one per process: `python benchmarks/gpu_sections.py NAME`.
+"""The benchmark's model sections, one per process: `python benchmarks/gpu/sections.py NAME`.
 
 Every job goes through `Worker.handle` as the platform sends it, and every figure is the
 median of the timed jobs after a warm-up job, read from the job's own `timings`. Each job
@@ -25,15 +25,15 @@ from pathlib import Path
 from typing import Any
 
 LAUNCHED = time.time()
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from benchmarks.gpu_bench import Config, emit, injected_fault  # noqa: E402
-from benchmarks.gpu_modes import lora_folder, lora_settings, newer_modes  # noqa: E402
+from benchmarks.gpu.bench import Config, emit, injected_fault  # noqa: E402
+from benchmarks.gpu.modes import lora_folder, lora_settings, newer_modes  # noqa: E402
 from benchmarks.run import PROMPT, build_full_size, photo_like  # noqa: E402
 from builder.tiny_model import build_tiny_zimage  # noqa: E402
 from src.jobs.worker import Worker  # noqa: E402

@@ -2,7 +2,7 @@
 
 Run from the repository root, with both libraries importable:
 
-    python benchmarks/canny_cost.py
+    python benchmarks/cost/canny.py
 
 Medians of 15 runs after 3 warm-ups, each library at its defaults for an RGB picture as the
 worker receives it (uint8 HxWx3), edges back as uint8. One torch thread per core, as the worker runs.

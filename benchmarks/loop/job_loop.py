@@ -1,15 +1,17 @@
 """The deployed loop's throughput: jobs/s and how busy the GPU stage is, with a backlog.
 
-    python benchmarks/job_loop.py            # every variant; writes benchmarks/results/job_loop.md
-    python benchmarks/job_loop.py --quick    # this worker's loop at MAX_CONCURRENCY 2 only
+    python benchmarks/loop/job_loop.py            # every variant; writes benchmarks/results/job_loop.md
+    python benchmarks/loop/job_loop.py --quick    # this worker's loop at MAX_CONCURRENCY 2 only
+    python benchmarks/loop/job_loop.py --timeline docs/throughput-timeline.svg --jobs 8
+                                             # one backlog of image-to-image jobs, drawn (timeline.py)
 
 `python handler.py` runs as deployed, against the loopback stand-in for Runpod's queue in
 tests/loopback_servers.py, with a backlog of 512*512 jobs (and of 1024*1024 jobs for the
 wrapper's overhead). The yardstick, measured in the same run: diffusers' own pipeline called
-back to back in a fresh process (benchmarks/bare_diffusers.py); `vs_bare` is jobs/s over its
+back to back in a fresh process (benchmarks/loop/bare_diffusers.py); `vs_bare` is jobs/s over its
 jobs/s at the same size. Each variant is one of:
 - loop: this worker's (src/jobs/job_loop.py) or the SDK's stock `JobScaler`
-  (benchmarks/stock_loop_worker.py), both with the same async handler;
+  (benchmarks/loop/stock_worker.py), both with the same async handler;
 - MAX_CONCURRENCY 1 or 2;
 - delivery: data URIs, or a loopback S3 store (moto) behind a proxy that holds every
   response back 200 ms, like a distant bucket.
@@ -26,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,22 +35,27 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import results_file  # noqa: E402
+from benchmarks.loop import timeline  # noqa: E402
 from builder.tiny_model import build_tiny_zimage  # noqa: E402
-from tests.conftest import end_process, worker_env  # noqa: E402
+from tests.conftest import ImageServer, Route, end_process, png_bytes, worker_env  # noqa: E402
 from tests.loopback_servers import BUCKET, KEY_ID, SECRET, JobQueue, MotoServer, StoreProxy  # noqa: E402
 
 GPU_STAGES = ("encode_prompt", "denoise", "decode", "safety")
-SCRIPTS = {"this worker's": "handler.py", "SDK stock": "benchmarks/stock_loop_worker.py"}
+SCRIPTS = {"this worker's": "handler.py", "SDK stock": "benchmarks/loop/stock_worker.py"}
 UPLOAD_DELAY_S = 0.2
+# The timeline's jobs: small and few steps, so that on a loaded CPU the "GPU" stage stays near the
+# length of a fetch and an upload and all five bars can be seen; the input host is slowed like a distant one.
+TIMELINE_SIZE, TIMELINE_STEPS, FETCH_S = "256*256", 4, 0.3
 
 
 def bare(model: Path, size: str, jobs: int) -> dict:
     """diffusers alone, back to back, in its own process: a row with this file's columns."""
     done = subprocess.run(
-        [sys.executable, "benchmarks/bare_diffusers.py", "--model", str(model), "--size", size,
+        [sys.executable, "benchmarks/loop/bare_diffusers.py", "--model", str(model), "--size", size,
          "--jobs", str(jobs)],
         cwd=ROOT, capture_output=True, text=True, timeout=900, check=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -69,18 +75,29 @@ def bare(model: Path, size: str, jobs: int) -> dict:
     }
 
 
-def measure(
-    model: Path, loop: str, concurrency: int, store_url: str | None, jobs: int, logs: Path, size: str
-) -> dict:
+def run_backlog(
+    model: Path,
+    loop: str,
+    concurrency: int,
+    store_url: str | None,
+    jobs: int,
+    logs: Path,
+    size: str,
+    extra: dict | None = None,
+) -> JobQueue:
+    """The backlog through `python handler.py` (or the stock loop); the queue holds what happened."""
+    extra = extra or {}
     backlog = [
         {
             "id": f"bench-{i}",
-            "input": {"prompt": f"a harbour at dawn, take {i}", "size": size, "seed": i},
+            "input": {"prompt": f"a harbour at dawn, take {i}", "size": size, "seed": i, **extra},
         }
         for i in range(jobs)
     ]
     queue = JobQueue(backlog)
     env = worker_env(model, **queue.env(), MAX_CONCURRENCY=str(concurrency))
+    if "image" in extra:  # the image host is on loopback, which the SDK's downloader refuses by default
+        env["RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS"] = "1"
     if store_url:
         env.update(
             BUCKET_ENDPOINT_URL=store_url,
@@ -103,6 +120,13 @@ def measure(
     failed = [job_id for job_id, result in queue.results.items() if "output" not in result]
     if failed:
         raise RuntimeError(f"jobs failed: {failed}; see {log}")
+    return queue
+
+
+def measure(
+    model: Path, loop: str, concurrency: int, store_url: str | None, jobs: int, logs: Path, size: str
+) -> dict:
+    queue = run_backlog(model, loop, concurrency, store_url, jobs, logs, size)
     wall = max(queue.finished.values()) - min(queue.taken.values())
     busy = sum(sum(r["output"]["timings"][k] for k in GPU_STAGES) for r in queue.results.values()) / 1000
     return {
@@ -122,11 +146,42 @@ def measure(
     }
 
 
-def markdown(rows: list[dict]) -> str:
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "| " + " | ".join("---" for _ in keys) + " |"]
-    lines += ["| " + " | ".join(str(row[k]) for k in keys) + " |" for row in rows]
-    return "\n".join(lines)
+def draw_timeline(model: Path, jobs: int, logs: Path, out: Path) -> None:
+    """One backlog as deployed, drawn: two slots, image-to-image from a slow host, a slow store."""
+    store, images = MotoServer(), ImageServer()
+    store.make_bucket()
+    proxy = StoreProxy(store.port)
+    proxy.delay = UPLOAD_DELAY_S
+    picture = png_bytes((256, 256))
+    images.routes["/in.png"] = Route(picture, delay=FETCH_S / -(-len(picture) // 1024))  # per 1 KiB chunk
+    load = results_file.load_average()
+    try:
+        extra = {"image": f"{images.url}/in.png", "strength": 0.8, "num_inference_steps": TIMELINE_STEPS}
+        queue = run_backlog(model, "this worker's", 2, proxy.url, jobs, logs, TIMELINE_SIZE, extra)
+    finally:
+        proxy.close()
+        store.stop()
+        images.close()
+    t0 = min(queue.taken.values())
+    order = sorted(queue.taken, key=queue.taken.get)
+    rows = {
+        f"job {i}": timeline.spans(queue.results[job]["output"]["timings"], queue.finished[job] - t0)
+        for i, job in enumerate(order)
+    }
+    taken = {f"job {i}": queue.taken[job] - t0 for i, job in enumerate(order)}
+    caption = [
+        f"this worker's loop, MAX_CONCURRENCY 2, {jobs} image-to-image jobs of {TIMELINE_SIZE}, "
+        f"{TIMELINE_STEPS} steps, tiny random model; input from a loopback host slowed to "
+        f"{FETCH_S * 1000:.0f} ms,",
+        f"S3 (moto) behind a proxy holding each response {UPLOAD_DELAY_S * 1000:.0f} ms. Drawn on a shared "
+        f"{os.cpu_count()}-core CPU (load average {load:.1f}), {datetime.now(UTC):%Y-%m-%d}:",
+        "it shows the overlap, not the speed. Bars from each job's own timings, ending when its result "
+        "reached the queue.",
+    ]
+    title = "A backlog on one worker: the next job fetches and the last one uploads while one is on the GPU"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(timeline.draw(rows, taken, title, caption))
+    print(f"wrote {out}")
 
 
 def main() -> None:
@@ -137,10 +192,14 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=16)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/job_loop.md")
     parser.add_argument("--model", type=Path, help="a model folder (default: a tiny random one)")
+    parser.add_argument("--timeline", type=Path, help="draw one backlog as an SVG here instead")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="zimage-loop-") as tmp:
         model = args.model or build_tiny_zimage(Path(tmp) / "tiny-zimage")
+        if args.timeline:
+            draw_timeline(model, args.jobs, Path(tmp), args.timeline)
+            return
         variants = [("this worker's", 2, None, "512*512")]
         store = proxy = None
         if not args.quick:  # --quick needs no S3 server (moto is a test dependency only)
@@ -174,20 +233,13 @@ def main() -> None:
                 proxy.close()
                 store.stop()
 
-    header = [
-        "# The deployed loop with a backlog",
-        "",
-        f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
-        f"- machine: {platform.machine()} CPU, {os.cpu_count()} cores, Python {platform.python_version()}",
-        f"- model: {args.model or 'tiny random model (CPU)'}; {args.jobs} jobs of 512*512 "
-        f"({args.jobs // 2} of 1024*1024), 8 steps, PNG",
-        "- command: `python benchmarks/job_loop.py" + (" --quick`" if args.quick else "`"),
-        "",
-        "",
+    facts = [
+        f"model: {args.model or 'tiny random model (CPU)'}; {args.jobs} jobs of 512*512 "
+        f"({args.jobs // 2} of 1024*1024), 8 steps, PNG"
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(header) + markdown(rows) + "\n")
-    print(markdown(rows))
+    header = results_file.header("The deployed loop with a backlog", facts)
+    results_file.write(args.out, [*header, "", *results_file.table(rows)])
+    print("\n".join(results_file.table(rows)))
 
 
 if __name__ == "__main__":

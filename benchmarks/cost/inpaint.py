@@ -1,6 +1,6 @@
 """What inpainting costs on top of image-to-image, through the worker's own job path.
 
-    .venv/bin/python benchmarks/inpaint_cost.py [--runs 7] [--machine "2-core CPU sandbox"] [--out FILE]
+    .venv/bin/python benchmarks/cost/inpaint.py [--runs 7] [--machine "2-core CPU sandbox"] [--out FILE]
 
 Both jobs take the same 1024x1024 photo-like picture, strength 0.8, 8 steps, PNG, checker off;
 the inpainting job adds a mask (left half kept, right half regenerated). The jobs alternate,
@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
@@ -34,6 +31,7 @@ import torch  # noqa: E402
 from diffusers import ZImageInpaintPipeline  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from benchmarks import results_file  # noqa: E402
 from benchmarks.run import PROMPT, photo_like, run_job  # noqa: E402
 from builder.tiny_model import build_tiny_zimage  # noqa: E402
 from src.inputs.pictures import Inputs  # noqa: E402
@@ -150,10 +148,10 @@ def median(values: list[float]) -> float:
 def report(
     samples: dict[str, list[dict[str, float]]],
     blend_ms: float,
-    machine: str,
+    host: str | None,
     model: str,
     runs: int,
-    load: str,
+    load: float | None,
     saving: dict[str, float],
 ) -> str:
     lines = [
@@ -171,19 +169,18 @@ def report(
         "| extra (median of paired differences) | " + " | ".join(str(extra[s]) for s in STAGES) + " | |"
     )
     share = 100 * extra["total"] / median([a["total"] for a, _ in pairs])
+    facts = [
+        f"model: {model}, on {'cuda' if torch.cuda.is_available() else 'cpu'}",
+        f"job: {SIDE}x{SIDE} photo-like input, strength 0.8, 8 steps, PNG, checker off; "
+        "inpainting adds a mask with the right half white; medians of "
+        f"{runs} alternating jobs of each after one warm-up each (ms, the response's `timings`)",
+    ]
+    header = results_file.header(
+        "Inpainting cost against image-to-image", facts, load_at_start=load, host=host
+    )
     return "\n".join(
         [
-            "# Inpainting cost against image-to-image",
-            "",
-            f"- date: {datetime.now(UTC):%Y-%m-%d}",
-            f"- machine: {machine}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-            f"{platform.machine()}, Python {platform.python_version()}; load average {load}",
-            f"- model: {model}, on {'cuda' if torch.cuda.is_available() else 'cpu'}",
-            f"- job: {SIDE}x{SIDE} photo-like input, strength 0.8, 8 steps, PNG, checker off; "
-            "inpainting adds a mask with the right half white; medians of "
-            f"{runs} alternating jobs of each after one warm-up each (ms, the response's `timings`)",
-            "- command: `python benchmarks/inpaint_cost.py`",
-            "",
+            *header,
             *lines,
             "",
             f"Inpainting costs {extra['total']:+.1f} ms per job ({share:+.1f}% of image-to-image). "
@@ -212,19 +209,18 @@ def main() -> None:
     )
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--model", help="an existing model folder (default: build the tiny one)")
-    parser.add_argument("--machine", default=f"{os.cpu_count()}-core CPU")
+    parser.add_argument("--machine", help="how the results name the machine (default: detected)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/inpaint_cost.md")
     args = parser.parse_args()
     model = Path(args.model) if args.model else build_tiny_zimage(Path(tempfile.mkdtemp()) / "tiny-zimage")
     worker = Worker.start(Settings(model=str(model), safety_checker_model="none"))
-    before = os.getloadavg()[0]
+    before = results_file.load_average()
     samples = job_timings(worker, args.runs)
     blend_ms = composite_ms(worker.generator.device, args.runs)
     saving = pipeline_ms(worker, args.runs)
-    load = f"{before:.1f} before, {os.getloadavg()[0]:.1f} after (1 min)"
     kind = args.model or "the tiny model (builder/tiny_model.py)"
-    text = report(samples, blend_ms, args.machine, kind, args.runs, load, saving)
-    args.out.write_text(text)
+    text = report(samples, blend_ms, args.machine, kind, args.runs, before, saving)
+    results_file.write(args.out, [text])
     print(text)
 
 

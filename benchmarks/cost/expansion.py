@@ -1,6 +1,6 @@
 """What prompt expansion costs: the worker's own rewrite loop (src/model/expander.py) timed.
 
-    .venv/bin/python benchmarks/expansion.py [--size tiny|full] [--machine NAME] [--out FILE]
+    .venv/bin/python benchmarks/cost/expansion.py [--size tiny|full] [--machine NAME] [--out FILE]
 
 - tiny: the tests' expander (builder/tiny_model.build_tiny_expander), loaded the worker's way,
   sharing the tiny Turbo's text encoder; on the CPU.
@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402

@@ -1,7 +1,7 @@
 """The wheels a bare GPU machine lacks for the benchmark, fetched here and installed there.
 
-    python benchmarks/gpu_wheels.py prepare .whl          # on a machine that reaches PyPI
-    python benchmarks/gpu_wheels.py install .whl /tmp/site  # on the GPU machine, offline
+    python benchmarks/gpu/wheels.py prepare .whl          # on a machine that reaches PyPI
+    python benchmarks/gpu/wheels.py install .whl /tmp/site  # on the GPU machine, offline
 
 The GPU machine has torch, transformers, huggingface_hub, accelerate, safetensors, numpy,
 pillow, requests and aiohttp, but not diffusers, pydantic, runpod or boto3. Each wheel is
@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # Versions come from the Docker image's lock, so the benchmark runs what the image installs.
 LOCK = ROOT / "locks" / "worker-cuda.txt"

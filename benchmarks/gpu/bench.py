@@ -26,10 +26,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.gpu_report import results_markdown  # noqa: E402
+from benchmarks.gpu.report import results_markdown  # noqa: E402
 
 RESULTS, TABLE, LOG = "gpu-results.jsonl", "gpu-results.md", "gpu-log.txt"
 SIZES = ("1024*1024", "512*512", "1280*720", "1280*1280")
@@ -53,7 +53,7 @@ BOXES = {
     # 25 s), and the base at acceleration high (2 jobs). attention, fp8 and compile gave it 30 s;
     # load and text_to_image 15 s for the acceleration rows.
     "modes": 105,
-    "job_loop": 15,  # benchmarks/job_loop.py --quick, where it exists (it loads the model too)
+    "job_loop": 15,  # benchmarks/loop/job_loop.py --quick, where it exists (it loads the model too)
 }
 MIN_BOX_S = 2
 
@@ -111,8 +111,8 @@ def boxes(env: dict[str, str]) -> dict[str, int]:
 
 def command(name: str) -> list[str]:
     # The two light sections import no model code, so they run even when that code does not import.
-    script = {"machine": "gpu_machine.py", "job_loop": "gpu_job_loop.py"}.get(name, "gpu_sections.py")
-    return [sys.executable, str(ROOT / "benchmarks" / script), name]
+    script = {"machine": "machine.py", "job_loop": "job_loop.py"}.get(name, "sections.py")
+    return [sys.executable, str(ROOT / "benchmarks" / "gpu" / script), name]
 
 
 def run_section(name: str, timeout: float, log_path: Path) -> dict[str, Any]:

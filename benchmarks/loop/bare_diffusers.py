@@ -1,6 +1,6 @@
 """The yardstick for the deployed loop: diffusers' own ZImagePipeline called back to back.
 
-    python benchmarks/bare_diffusers.py --model FOLDER --size 512*512 --jobs 16
+    python benchmarks/loop/bare_diffusers.py --model FOLDER --size 512*512 --jobs 16
 
 What a user would write without this worker: load the pipeline once, then one call per image
 (a new prompt and seed each time, PIL images out), in a fresh process of its own so that no
