@@ -155,7 +155,10 @@ def build_tiny_expander(turbo: str | Path, path: str | Path, seed: int = 11) -> 
     the encoder's weights, its head tied to the embeddings, and another last-layer MLP (up and
     down projections), saved with Turbo's tokenizer."""
     turbo, path = Path(turbo), Path(path)
-    encoder = Qwen3Model.from_pretrained(turbo / "text_encoder", dtype=torch.float32)
+    # B615 (no revision pinned) does not apply: a local folder the tiny Turbo was saved to.
+    encoder = Qwen3Model.from_pretrained(  # nosec B615
+        turbo / "text_encoder", dtype=torch.float32, use_safetensors=True, local_files_only=True
+    )
     config = Qwen3Config(**{**encoder.config.to_dict(), "tie_word_embeddings": True})
     config.architectures = ["Qwen3ForCausalLM"]
     causal = Qwen3ForCausalLM(config)
@@ -166,7 +169,8 @@ def build_tiny_expander(turbo: str | Path, path: str | Path, seed: int = 11) -> 
         mlp.up_proj.weight.normal_(0.0, 0.5)
         mlp.down_proj.weight.normal_(0.0, 0.5)
     causal.save_pretrained(path, safe_serialization=True)
-    Qwen2Tokenizer.from_pretrained(turbo / "tokenizer").save_pretrained(path)
+    # B615 (no revision pinned) does not apply: the tiny Turbo's local tokenizer folder.
+    Qwen2Tokenizer.from_pretrained(turbo / "tokenizer").save_pretrained(path)  # nosec B615
     return path
 
 

@@ -74,7 +74,9 @@ near_rules = {
         ]
     )
     | st.text(max_size=30).filter(lambda s: "://" not in s),
-    "size": st.sampled_from(["256*256", "512x512", "1024*1024", "1000*1000", "0*0", "", "2048X2048"])
+    "size": st.sampled_from(
+        ["256*256", "512x512", "1024*1024", "1000*1000", "0*0", "", "2048X2048", "auto", "AUTO"]
+    )
     | st.from_regex(r"-?\d{1,5}[*xX]\d{1,5}", fullmatch=True),
     "strength": st.floats(-0.5, 1.5) | st.sampled_from([0, 1, 0.0, 1.0, "0.5", True]),
     "seed": st.integers(-3, 2**33) | st.sampled_from([-1, 0, MAX_SEED, MAX_SEED + 1, 1.0, "1"]),
@@ -106,8 +108,10 @@ near_rules = {
     "control_image": st.sampled_from(
         [data_uri_of(png_bytes((32, 32))), "", "!!!", "ftp://127.0.0.1/x.png", "http://10.0.0.1/x.png"]
     ),
-    "control_preprocess": st.sampled_from(["none", "canny", "depth", "hed", "", "CANNY", None]),
+    "control_preprocess": st.sampled_from(["none", "canny", "depth", "pose", "hed", "", "CANNY", None]),
     "control_scale": st.floats(-0.5, 2.5) | st.sampled_from([0, 2, "1", True, math.nan]),
+    "control_start": st.floats(-0.5, 1.5) | st.sampled_from([0, 1, 0.5, "0.5", True, math.nan]),
+    "control_end": st.floats(-0.5, 1.5) | st.sampled_from([0, 1, 0.5, "1", False, math.inf]),
     "model": st.sampled_from(["z-image-turbo", "z-image", "Z-Image", "", "flux", None, 1, ["z-image"]]),
     "acceleration": st.sampled_from(["none", "regular", "high", "HIGH", "fast", "", None, 2, ["high"]]),
     "enable_prompt_expansion": st.sampled_from([True, False, "true", "false", 0, 1, None]),

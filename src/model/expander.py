@@ -141,7 +141,8 @@ class PromptExpander:
 
     @classmethod
     def load(cls, folder: Path, model: PreTrainedModel, name: str) -> PromptExpander:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        # B615 (no revision pinned) does not apply: a local folder, local_files_only=True.
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)  # nosec B615
         return cls(model, tokenizer, name, compile_decoding=True)
 
     def expand(self, prompt: str, seed: int) -> Expansion:

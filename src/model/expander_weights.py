@@ -95,7 +95,8 @@ def shares_shapes(config: object, encoder_config: object) -> bool:
 def load_expander_model(folder: Path, encoder: Qwen3Model, encoder_folder: Path | None) -> PreTrainedModel:
     """The expander's causal LM on the encoder's device and dtype, sharing the encoder's equal tensors."""
     device, dtype = encoder.device, encoder.dtype
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    # B615 (no revision pinned) does not apply: a local folder, local_files_only=True.
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)  # nosec B615
     if encoder_folder is None or not shares_shapes(config, encoder.config):
         log.warning(
             "prompt expander %s: not a Qwen3 of the text encoder's shape: loaded whole, nothing shared",
@@ -182,7 +183,8 @@ def assemble_causal_lm(
 
 
 def _load_whole(folder: Path, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
-    model = AutoModelForCausalLM.from_pretrained(
+    # B615 (no revision pinned) does not apply: a local folder, local_files_only=True.
+    model = AutoModelForCausalLM.from_pretrained(  # nosec B615
         folder, dtype=dtype, use_safetensors=True, local_files_only=True
     )
     return model.to(device).eval()
