@@ -14,7 +14,8 @@ import runpod  # noqa: E402
 import handler  # noqa: E402
 
 
-def stock_serve(handle, max_concurrency: int, stop_taking_jobs) -> None:
+def stock_serve(handle, max_concurrency: int, stop_taking_jobs, delivery=None) -> None:
+    # The SDK's own slot count: every job in flight holds one, delivering or not.
     runpod.serverless.start({"handler": handle, "concurrency_modifier": lambda current: max_concurrency})
 
 
