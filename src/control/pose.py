@@ -99,31 +99,18 @@ class PoseEstimator:
     def load(
         cls, pose_folder: Path, detector_folder: Path, device: torch.device, dtype: torch.dtype
     ) -> PoseEstimator:
-        from transformers import (
-            AutoImageProcessor,
-            RTDetrForObjectDetection,
-            VitPoseForPoseEstimation,
-        )
+        from transformers import RTDetrForObjectDetection, VitPoseForPoseEstimation
 
-        from src.model.files import ModelNotFound, load_failure
+        from src.model.files import ModelNotFound, load_vision_model
 
-        parts = {}
-        for name, cls_, folder in (
-            ("POSE_MODEL", VitPoseForPoseEstimation, pose_folder),
-            ("POSE_DETECTOR_MODEL", RTDetrForObjectDetection, detector_folder),
-        ):
-            try:
-                # B615 (no revision pinned) does not apply: a local folder, local_files_only=True.
-                model = cls_.from_pretrained(  # nosec B615
-                    folder, dtype=dtype, use_safetensors=True, local_files_only=True
-                )
-                processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)  # nosec B615
-            except (OSError, ValueError) as err:
-                raise ModelNotFound(
-                    f"{name}: {folder} is there but cannot be loaded ({load_failure(err)}); download the "
-                    "model again, or set POSE_MODEL=none to turn control_preprocess 'pose' off"
-                ) from None
-            parts[name] = (model.to(device).eval(), processor)
+        turn_off = "POSE_MODEL=none to turn control_preprocess 'pose' off"
+        parts = {
+            name: load_vision_model(model_class, folder, device, dtype, name, turn_off)
+            for name, model_class, folder in (
+                ("POSE_MODEL", VitPoseForPoseEstimation, pose_folder),
+                ("POSE_DETECTOR_MODEL", RTDetrForObjectDetection, detector_folder),
+            )
+        }
         try:
             return cls(*parts["POSE_DETECTOR_MODEL"], *parts["POSE_MODEL"], device)
         except ValueError as err:

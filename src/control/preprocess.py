@@ -55,22 +55,19 @@ class DepthEstimator:
 
     @classmethod
     def load(cls, folder: Path, device: torch.device, dtype: torch.dtype) -> DepthEstimator:
-        from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+        from transformers import AutoModelForDepthEstimation
 
-        from src.model.files import ModelNotFound, load_failure
+        from src.model.files import load_vision_model
 
-        try:
-            # B615 (no revision pinned) does not apply: a local folder, local_files_only=True.
-            model = AutoModelForDepthEstimation.from_pretrained(  # nosec B615
-                folder, dtype=dtype, use_safetensors=True, local_files_only=True
-            )
-            processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)  # nosec B615
-        except (OSError, ValueError) as err:
-            raise ModelNotFound(
-                f"DEPTH_MODEL: {folder} is there but cannot be loaded ({load_failure(err)}); "
-                "download the model again, or set DEPTH_MODEL=none to turn control_preprocess 'depth' off"
-            ) from None
-        return cls(model.to(device).eval(), processor, device)
+        model, processor = load_vision_model(
+            AutoModelForDepthEstimation,
+            folder,
+            device,
+            dtype,
+            "DEPTH_MODEL",
+            "DEPTH_MODEL=none to turn control_preprocess 'depth' off",
+        )
+        return cls(model, processor, device)
 
     @torch.inference_mode()
     def __call__(self, picture: Image.Image) -> Image.Image:

@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,28 @@ def load_failure(err: Exception) -> str:
     the error's type and the first line of its text."""
     cause = (str(err).strip().splitlines() or [""])[0][:300]
     return f"{type(err).__name__}: {cause}"
+
+
+def load_vision_model(
+    model_class: Any, folder: Path, device: Any, dtype: Any, setting: str, turn_off: str
+) -> tuple[Any, Any]:
+    """A transformers vision model (safetensors only) and its image processor from a local folder,
+    on `device` in eval mode; a folder that does not load stops the worker naming `setting`, with
+    `turn_off` (the setting that turns the feature off) as the way out."""
+    from transformers import AutoImageProcessor
+
+    try:
+        # B615 (no revision pinned) does not apply: a local folder, local_files_only=True.
+        model = model_class.from_pretrained(  # nosec B615
+            folder, dtype=dtype, use_safetensors=True, local_files_only=True
+        )
+        processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)  # nosec B615
+    except (OSError, ValueError) as err:
+        raise ModelNotFound(
+            f"{setting}: {folder} is there but cannot be loaded ({load_failure(err)}); download the "
+            f"model again, or set {turn_off}"
+        ) from None
+    return model.to(device).eval(), processor
 
 
 @dataclass(frozen=True)
