@@ -10,18 +10,24 @@ MAX_CONCURRENCY jobs in flight. A job whose input carries `openai_route` speaks 
 API (src/openai_images/). The work lives in src/ (see docs/architecture.md).
 """
 
+import gc
 import time
 
 STARTED = time.perf_counter()
+# Python's cyclic GC would walk the imports' half a million objects over and over while they are
+# made: about 0.9 s of a 4 s import on a 2-core CPU (benchmarks/cost/imports.py). It is paused
+# until they are in, and then they are frozen: they live as long as the process, so no later
+# collection (each one holds the GIL, stalling the GPU stage's thread) needs to walk them again.
+gc.disable()
 
 import logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 
-from src.runtime.cpu_probe import without_cpu_probe  # noqa: E402
+from src.runtime.sdk_import import lean_sdk_import  # noqa: E402
 
-# The SDK probes the CPU with a subprocess when it is first imported (~1.1 s): answer it here.
-with without_cpu_probe():
+# Without the SDK's import-time CPU probe (~1.1 s) and its SSH commands (~50 ms): see the module.
+with lean_sdk_import():
     import runpod  # noqa: E402, F401
 
 from src.jobs.job_loop import serve  # noqa: E402
@@ -31,6 +37,9 @@ from src.model.safety import SafetyModelError  # noqa: E402
 from src.openai_images.routes import OpenAIImages  # noqa: E402
 from src.runtime.logs import add_secret, configure_logging  # noqa: E402
 from src.runtime.settings import Settings, SettingsError  # noqa: E402
+
+gc.freeze()
+gc.enable()
 
 log = logging.getLogger("src.handler")
 
@@ -43,6 +52,7 @@ def main() -> None:
         add_secret(settings.bucket_access_key_id)
         add_secret(settings.bucket_secret_access_key)
         worker = Worker.start(settings)
+        gc.freeze()  # and the model's objects too
     except (SettingsError, ModelNotFound, SafetyModelError) as err:
         log.error("cannot start: %s", err)
         sys.exit(1)

@@ -65,3 +65,29 @@ def test_the_acceleration_benchmark_runs_and_writes_a_row_per_model_and_level(tm
     for row in rows:
         if row[2] == "none":
             assert row[6:8] == ["1.0", "-"] and row[-1] == "identical |", row
+
+
+def test_the_imports_benchmark_runs_and_writes_its_three_rows(tmp_path):
+    out = tmp_path / "imports.md"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/cost/imports.py", "--runs", "1", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    text = out.read_text()
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.count("|") == 4}
+    assert {
+        "floor: torch, ZImagePipeline, Qwen3Model",
+        "handler",
+        "floor, the GC paused as in handler.py",
+    } <= set(rows)
+    ratios = [
+        float(line.split(": ")[1].split()[0])
+        for line in text.splitlines()
+        if line.startswith("- handler / floor")
+    ]
+    assert len(ratios) == 2 and all(0.3 < ratio < 3 for ratio in ratios)
+    assert "paramiko" not in text and "fastapi" not in text  # neither is imported on the way any more

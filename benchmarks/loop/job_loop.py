@@ -189,7 +189,7 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="this worker's loop, MAX_CONCURRENCY 2, data URIs"
     )
-    parser.add_argument("--jobs", type=int, default=16)
+    parser.add_argument("--jobs", type=int, default=32)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/job_loop.md")
     parser.add_argument("--model", type=Path, help="a model folder (default: a tiny random one)")
     parser.add_argument("--timeline", type=Path, help="draw one backlog as an SVG here instead")

@@ -33,12 +33,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
 import requests
 import runpod
-from runpod.serverless.modules import rp_fastapi, rp_job, rp_ping, rp_progress, rp_scale
+from runpod.serverless.modules import rp_job, rp_ping, rp_progress, rp_scale
 from runpod.version import __version__ as runpod_version
 
 from src.jobs.job_api import FAULTS, Faults, OutageLog, describe, poll_stop_signals, send_result, take_jobs
@@ -183,13 +184,22 @@ class Heartbeat(rp_ping.Heartbeat):
                 self.outage.failed(f"HTTP {answer.status_code}")
 
 
+def serves_local_api() -> bool:
+    """Whether `runpod.serverless.start` will serve the SDK's FastAPI app, by its own flag and variable."""
+    flags, _ = runpod.serverless.parser.parse_known_args()
+    return bool(flags.rp_serve_api) or os.environ.get("RUNPOD_REALTIME_PORT", "0") not in ("", "0")
+
+
 def allow_error_objects() -> None:
     """Let `--rp_serve_api` answer a failed job whose `error` is an object (an OpenAI error object).
 
     The SDK's local API declares `error` a string in its response model, so FastAPI turns such a
     job into a bare HTTP 500 (the deployed loop's result post carries any JSON). Widening the field's
-    type, before the local API builds its routes, is the whole change.
+    type, before the local API builds its routes, is the whole change. Only then is the local API
+    imported: FastAPI is 0.18 s of a cold start that the deployed loop does not use.
     """
+    from runpod.serverless.modules import rp_fastapi
+
     error_type = str | dict[str, Any] | None
     rp_fastapi.JobOutput.__annotations__["error"] = error_type
     rp_fastapi.JobOutput.__dataclass_fields__["error"].type = error_type
@@ -209,5 +219,6 @@ def serve(
     rp_job.send_result = send_result  # `rp_job.handle_job` posts each result through this name
     rp_progress.send_result = send_result  # and progress updates through this one
     rp_ping.Heartbeat = Heartbeat  # `Heartbeat.start_ping` starts `Heartbeat.process_loop` by this name
-    allow_error_objects()
+    if serves_local_api():
+        allow_error_objects()
     runpod.serverless.start({"handler": handler, "concurrency_modifier": lambda current: max_concurrency})
