@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from benchmarks.run import full_size_pipeline
@@ -91,3 +92,18 @@ def test_the_imports_benchmark_runs_and_writes_its_three_rows(tmp_path):
     ]
     assert len(ratios) == 2 and all(0.3 < ratio < 3 for ratio in ratios)
     assert "paramiko" not in text and "fastapi" not in text  # neither is imported on the way any more
+
+
+def test_the_expansion_benchmark_writes_a_results_file(tmp_path):
+    out = tmp_path / "expansion.md"
+    command = ["benchmarks/cost/expansion.py", "--tokens", "8", "--prompt-tokens", "16", "--repeats", "1"]
+    done = subprocess.run(
+        [sys.executable, *command, "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    text = out.read_text()
+    assert text.startswith("# Prompt expansion") and "- machine: " in text and "- command: `python " in text
+    row = next(line for line in text.splitlines() if line.startswith("| eager"))
+    prefill, per_token, per_second, rewrite = (float(cell) for cell in row.strip("| ").split(" | ")[1:])
+    assert 0 < prefill and 0 < per_token < rewrite
+    assert per_second == pytest.approx(1000 / per_token, rel=0.01)  # ms per token is shown rounded

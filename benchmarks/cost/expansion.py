@@ -18,9 +18,6 @@ warm-up. Prints a markdown table and writes it to --out.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -33,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 
+from benchmarks import results_file  # noqa: E402
 from builder.tiny_model import build_tiny_expander, build_tiny_zimage, tiny_tokenizer  # noqa: E402
 from src.model.expander import PromptExpander  # noqa: E402
 from src.model.expander_weights import assemble_causal_lm, load_expander_model  # noqa: E402
@@ -147,6 +145,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "expansion.md")
     args = parser.parse_args()
 
+    load = results_file.load_average()
     device, dtype = device_and_dtype()
     torch.set_grad_enabled(False)
     with tempfile.TemporaryDirectory() as folder:
@@ -162,31 +161,25 @@ def main() -> None:
             figures = time_rewrites(expander, args.prompt_tokens, args.tokens, args.repeats)
             rows.append((label, figures))
 
-    machine = args.machine or (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"{os.cpu_count()}-core CPU ({platform.machine()})"
-    )
-    lines = [
-        f"## Prompt expansion, {args.size} model, on {machine}",
-        "",
-        f"{datetime.date.today().isoformat()}, torch {torch.__version__}, "
-        f"{str(dtype).removeprefix('torch.')}, "
-        f"a {args.prompt_tokens}-token prompt, {args.tokens} new tokens, median of {args.repeats} runs.",
-        "",
-        "| decoding | prefill (ms) | ms per new token | tokens per second "
-        f"| {args.tokens}-token rewrite (ms) |",
-        "| --- | ---: | ---: | ---: | ---: |",
+    host = args.machine or (torch.cuda.get_device_name(device) if device.type == "cuda" else None)
+    facts = [
+        f"{args.size} model, {str(dtype).removeprefix('torch.')}, a {args.prompt_tokens}-token prompt, "
+        f"{args.tokens} new tokens, median of {args.repeats} runs"
     ]
-    for label, f in rows:
-        lines.append(
-            f"| {label} | {f['prefill_ms']:.1f} | {f['ms_per_token']:.2f} | {1000 / f['ms_per_token']:.0f} "
-            f"| {f['rewrite_ms']:.0f} |"
-        )
-    table = "\n".join(lines) + "\n"
-    print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table)
+    table = [
+        {
+            "decoding": label,
+            "prefill (ms)": f"{f['prefill_ms']:.1f}",
+            "ms per new token": f"{f['ms_per_token']:.2f}",
+            "tokens per second": f"{1000 / f['ms_per_token']:.0f}",
+            f"{args.tokens}-token rewrite (ms)": f"{f['rewrite_ms']:.0f}",
+        }
+        for label, f in rows
+    ]
+    lines = results_file.header(
+        "Prompt expansion: the worker's own rewrite loop", facts, load_at_start=load, host=host
+    )
+    print(results_file.write(args.out, lines + results_file.table(table)))
 
 
 if __name__ == "__main__":
