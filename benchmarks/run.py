@@ -35,11 +35,10 @@ import diffusers  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from diffusers import ZImagePipeline  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from benchmarks.full_size import build_full_size  # noqa: E402
 from benchmarks.gpu.report import END, START, replace_section  # noqa: E402
-from builder.tiny_model import tiny_tokenizer  # noqa: E402
 from src.delivery.encoding import encode_image, fast_png  # noqa: E402
 from src.jobs.worker import Worker  # noqa: E402
 from src.model.pipeline import ZImageGenerator, pick_device  # noqa: E402
@@ -48,63 +47,6 @@ from src.runtime.settings import Settings  # noqa: E402
 
 STAGES = ("encode_prompt", "denoise", "decode", "safety", "encode_image", "upload", "total")
 PROMPT = "A cozy reading nook by a rain-streaked window, warm lamp light, a cat asleep on a stack of books"
-
-
-def full_size_pipeline(device: str = "cuda") -> ZImagePipeline:
-    """Z-Image Turbo's published architecture (its configs) with random bf16 weights."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
-    from transformers import Qwen3Config, Qwen3Model
-
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # build in bf16: fp32 first would need 40 GB
-    try:
-        with torch.device(device):
-            transformer = ZImageTransformer2DModel(
-                all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30,
-                n_refiner_layers=2, n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True,
-                cap_feat_dim=2560, rope_theta=256.0, t_scale=1000.0, axes_dims=[32, 48, 48],
-                axes_lens=[1536, 512, 512],
-            )  # fmt: skip
-            text_encoder = Qwen3Model(
-                Qwen3Config(
-                    hidden_size=2560,
-                    intermediate_size=9728,
-                    num_hidden_layers=36,
-                    num_attention_heads=32,
-                    num_key_value_heads=8,
-                    head_dim=128,
-                    vocab_size=151936,
-                    max_position_embeddings=40960,
-                    rope_theta=1000000,
-                    rms_norm_eps=1e-6,
-                    tie_word_embeddings=True,
-                )  # fmt: skip
-            )
-            vae = AutoencoderKL(
-                in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-                up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512],
-                layers_per_block=2, latent_channels=16, norm_num_groups=32, sample_size=1024,
-                scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
-            )  # fmt: skip
-    finally:
-        torch.set_default_dtype(previous)
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False
-    )
-    # The tokenizer's vocabulary only changes which ids appear, not the compute.
-    return ZImagePipeline(scheduler, vae, text_encoder, tiny_tokenizer(), transformer)
-
-
-def build_full_size(folder: Path) -> Path:
-    """The full-size random model saved to disk, so the cold start reads real-sized files."""
-    pipe = full_size_pipeline("cuda")
-    with torch.no_grad():  # torch.empty-initialised pad tokens could hold NaNs
-        pipe.transformer.x_pad_token.fill_(1.0)
-        pipe.transformer.cap_pad_token.fill_(1.0)
-    pipe.save_pretrained(folder, safe_serialization=True)
-    del pipe
-    torch.cuda.empty_cache()
-    return folder
 
 
 def run_job(worker: Worker, job_id: str, job_input: dict) -> dict:

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from benchmarks.run import full_size_pipeline
+from benchmarks.full_size import full_size_pipeline
 from tests.conftest import ROOT
 
 

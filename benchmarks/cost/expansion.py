@@ -28,27 +28,13 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
+from transformers import Qwen3Config  # noqa: E402
 
 from benchmarks import results_file  # noqa: E402
+from benchmarks.full_size import full_size_expander  # noqa: E402
 from builder.tiny_model import build_tiny_expander, build_tiny_zimage, tiny_tokenizer  # noqa: E402
 from src.model.expander import PromptExpander  # noqa: E402
 from src.model.expander_weights import assemble_causal_lm, load_expander_model  # noqa: E402
-
-# Qwen/Qwen3-4B's config.json: the shapes that set the decoding cost.
-QWEN3_4B = dict(
-    hidden_size=2560,
-    intermediate_size=9728,
-    num_hidden_layers=36,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=128,
-    vocab_size=151936,
-    max_position_embeddings=40960,
-    rms_norm_eps=1e-6,
-    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-    tie_word_embeddings=True,
-)
 
 
 def device_and_dtype() -> tuple[torch.device, torch.dtype]:
@@ -65,18 +51,6 @@ def tiny_expander(folder: Path, device: torch.device) -> PromptExpander:
     encoder = ZImagePipeline.from_pretrained(turbo, dtype=torch.float32).text_encoder.to(device)
     model = load_expander_model(lm, encoder, turbo / "text_encoder")
     return PromptExpander(model, tiny_tokenizer(), "tiny", compile_decoding=True)
-
-
-def full_expander(device: torch.device, dtype: torch.dtype) -> PromptExpander:
-    config = Qwen3Config(**QWEN3_4B)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = Qwen3ForCausalLM(config).eval()
-    finally:
-        torch.set_default_dtype(previous)
-    return PromptExpander(model, tiny_tokenizer(), "Qwen3-4B (random)", compile_decoding=True)
 
 
 def expander_over(encoder: torch.nn.Module, tokenizer: object, seed: int = 0) -> PromptExpander:
@@ -150,7 +124,14 @@ def main() -> None:
     torch.set_grad_enabled(False)
     with tempfile.TemporaryDirectory() as folder:
         expander = (
-            tiny_expander(Path(folder), device) if args.size == "tiny" else full_expander(device, dtype)
+            tiny_expander(Path(folder), device)
+            if args.size == "tiny"
+            else PromptExpander(
+                full_size_expander(device, dtype),
+                tiny_tokenizer(),
+                "Qwen3-4B (random)",
+                compile_decoding=True,
+            )
         )
         ways = [("eager, dynamic KV cache", False)]
         if device.type == "cuda":

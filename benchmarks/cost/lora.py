@@ -29,7 +29,7 @@ os.environ["RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS"] = "1"  # the LoRA host is on lo
 
 import torch  # noqa: E402
 
-from benchmarks.run import full_size_pipeline  # noqa: E402
+from benchmarks.full_size import full_size_pipeline  # noqa: E402
 from builder.tiny_model import build_tiny_zimage  # noqa: E402
 from src.jobs.worker import Worker  # noqa: E402
 from src.lora.adapters import LoraAdapters  # noqa: E402

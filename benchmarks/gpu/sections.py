@@ -32,9 +32,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from benchmarks.full_size import build_full_size  # noqa: E402
 from benchmarks.gpu.bench import Config, emit, injected_fault  # noqa: E402
 from benchmarks.gpu.modes import lora_folder, lora_settings, newer_modes  # noqa: E402
-from benchmarks.run import PROMPT, build_full_size, photo_like  # noqa: E402
+from benchmarks.run import PROMPT, photo_like  # noqa: E402
 from builder.tiny_model import build_tiny_zimage  # noqa: E402
 from src.jobs.worker import Worker  # noqa: E402
 from src.runtime.settings import Settings  # noqa: E402
