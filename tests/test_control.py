@@ -25,7 +25,7 @@ from PIL import Image
 from src.control.preprocess import CANNY_HIGH, CANNY_LOW, load_control
 from src.inputs.pictures import cover_crop, load_mask
 from src.jobs.worker import Worker
-from src.request.schema import parse_request
+from src.request.parse import parse_request
 from src.runtime.settings import Settings
 from tests.conftest import data_uri_of, decode_data_uri, handle_job
 from tests.tiny_controlnets import build_tiny_depth, save_controlnet

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from src.request.schema import parse_request
+from src.request.parse import parse_request
 from src.runtime.errors import JobError
 
 PICTURE = "aGVsbG8="  # any base64: these rules are checked before anything is decoded

@@ -24,7 +24,7 @@ from src.jobs.worker import Worker
 from src.model.expander import STATIC_TOKENS, strip_thinking
 from src.model.expander_weights import load_expander_model, same_file
 from src.openai_images.routes import OpenAIImages
-from src.request.schema import parse_request
+from src.request.parse import parse_request
 from src.runtime.errors import JobError
 from src.runtime.settings import Settings, SettingsError
 from tests.conftest import data_uri_of, decode_data_uri, png_bytes, run_input

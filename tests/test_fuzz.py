@@ -23,7 +23,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from src.request.models import MODELS
-from src.request.schema import ACCELERATION_LEVELS, FIELDS, MAX_SEED, GenerateRequest, parse_request
+from src.request.parse import parse_request
+from src.request.schema import ACCELERATION_LEVELS, FIELDS, MAX_SEED, GenerateRequest
 from src.runtime.errors import JobError
 from tests.conftest import data_uri_of, png_bytes
 from tests.test_bad_input import assert_ssrf_protection_on

@@ -11,7 +11,7 @@ from PIL import Image
 
 import src.inputs.pictures as input_image
 from src.inputs.pictures import cover_crop, load_image, load_inputs, load_mask
-from src.request.schema import parse_request
+from src.request.parse import parse_request
 from src.runtime.errors import JobError
 from tests.conftest import Route, data_uri_of, png_bytes
 

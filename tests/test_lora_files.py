@@ -13,7 +13,7 @@ from safetensors.torch import save
 
 from src.lora.adapters import looks_like
 from src.lora.files import LoraFiles, check_safetensors_file, check_safetensors_head
-from src.request.schema import parse_request
+from src.request.parse import parse_request
 from src.runtime.errors import JobError
 from src.runtime.gpu import Stop
 from src.runtime.logs import redact

@@ -34,7 +34,7 @@ from src.openai_images.bodies import BadBody
 from src.openai_images.masks import native_mask
 from src.openai_images.replies import error_object, images_response
 from src.openai_images.routes import OpenAIImages
-from src.request.schema import parse_request
+from src.request.parse import parse_request
 from src.runtime.errors import JobError
 from src.runtime.settings import Settings
 from tests.conftest import data_uri_of, decode_data_uri

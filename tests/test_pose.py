@@ -24,7 +24,7 @@ from builder import download_weights as dw
 from src.control.pose import COLOURS, LIMB_SHADE, PoseEstimator, draw_bodies
 from src.jobs.worker import Worker
 from src.model.files import SearchRoots, missing_classifier_files, resolve_model
-from src.request.schema import parse_request
+from src.request.parse import parse_request
 from src.runtime.errors import JobError
 from src.runtime.settings import Settings
 from tests.conftest import handle_job

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from builder.tiny_model import build_tiny_base
-from src.request.schema import parse_request
+from src.request.parse import parse_request
 from tests.conftest import ROOT, LocalAPI, data_uri_of, local_api, png_bytes, worker_env
 from tests.test_local_api import run_cli
 from tests.tiny_controlnets import build_tiny_depth, save_controlnet

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from src.request.schema import PRESET_SIZES, GenerateRequest, parse_request
+from src.request.parse import parse_request
+from src.request.schema import PRESET_SIZES, GenerateRequest
 from src.runtime.errors import JobError
 
 

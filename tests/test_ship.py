@@ -24,7 +24,7 @@ from builder.download_weights import repo_folder
 from src.inputs.pictures import load_inputs
 from src.model.files import SearchRoots, missing_pipeline_files
 from src.model.modes import MODES, mode_of
-from src.request.schema import parse_request
+from src.request.parse import parse_request
 from src.runtime.settings import Settings
 from tests import test_builder
 from tests.conftest import ROOT, decode_data_uri, handle_job

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from src.inputs.pictures import cover_crop
-from src.request.schema import parse_request
+from src.request.parse import parse_request
 from src.request.sizes import auto_size, parse_size
 from src.runtime.errors import JobError
 from tests.conftest import data_uri_of, decode_data_uri, handle_job, png_bytes

@@ -19,7 +19,7 @@ from builder.tiny_model import build_tiny_base, tiny_pipeline
 from src.inputs.pictures import cover_crop
 from src.jobs.worker import Worker
 from src.model.family import same_files
-from src.request.schema import parse_request
+from src.request.parse import parse_request
 from src.runtime.settings import Settings, SettingsError
 from tests.conftest import data_uri_of, decode_data_uri, handle_job, png_bytes, run_input
 

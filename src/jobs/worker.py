@@ -46,8 +46,9 @@ from src.model.pipeline import StepCallback, ZImageGenerator, pick_device, to_pi
 from src.model.pixels import from_pil
 from src.model.safety import SafetyChecker
 from src.request.models import MODELS
+from src.request.parse import parse_request
 from src.request.pricing import job_cost
-from src.request.schema import MAX_SEED, GenerateRequest, parse_request
+from src.request.schema import MAX_SEED, GenerateRequest
 from src.request.sizes import AUTO, auto_size
 from src.runtime.errors import JobError, error_output
 from src.runtime.gpu import GpuFault, GpuStage, Stop, run_stoppable

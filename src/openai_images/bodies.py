@@ -14,10 +14,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from src.request.parse import MAX_PROBLEMS, shown  # a body with a thousand bad keys: a few clauses
 from src.runtime.errors import JobError
 
-# A body with a thousand bad keys is answered in a few clauses, not a thousand (as natively).
-MAX_PROBLEMS = 5
 # Native fields without an OpenAI equivalent, accepted as they are (API.md, "OpenAI Images API").
 EXTENSIONS = (
     "seed",
@@ -87,9 +86,7 @@ class GenerationFields(BaseModel):
                 "send 'auto' or 'opaque', or leave 'background' out"
             )
         if background not in ("auto", "opaque"):
-            raise ValueError(
-                f"background: {_shown(background)} is not allowed: it must be 'auto' or 'opaque'"
-            )
+            raise ValueError(f"background: {shown(background)} is not allowed: it must be 'auto' or 'opaque'")
         return background
 
     @field_validator("stream")
@@ -140,7 +137,7 @@ def native_input(route: str, body: Any) -> tuple[dict[str, Any], GenerationField
     `response_format`). Every problem becomes one BadBody naming its fields."""
     if not isinstance(body, dict):
         raise BadBody(
-            f"openai_input: {_shown(body)} is not allowed: the request body must be a JSON object "
+            f"openai_input: {shown(body)} is not allowed: the request body must be a JSON object "
             "with at least 'prompt'",
             "openai_input",
         )
@@ -197,15 +194,4 @@ def _describe(error: Any, body: dict, model: type[GenerationFields]) -> str:
     if error["type"] == "value_error":  # the validators above say it whole
         return str(error["ctx"]["error"])
     rule = model.model_fields[field].description
-    return f"{field}: {_shown(body.get(field))} is not allowed: it must be {rule}"
-
-
-def _shown(value: Any) -> str:
-    """What arrived, short enough for a message (a 5 MB string is not echoed back)."""
-    if isinstance(value, str):
-        return repr(value) if len(value) <= 60 else f"a string of {len(value)} characters"
-    if isinstance(value, bool) or value is None:
-        return "null" if value is None else f"{str(value).lower()} (a boolean)"
-    if isinstance(value, (int, float)):
-        return repr(value) + (" (a number)" if isinstance(value, float) else "")
-    return {dict: "an object", list: "a list"}.get(type(value), type(value).__name__)
+    return f"{field}: {shown(body.get(field))} is not allowed: it must be {rule}"

@@ -1,14 +1,12 @@
 """The request: every input of API.md declared once, with its type, default and bounds.
 
-`parse_request(raw)` is the only reader of `job["input"]`; everything below the handler
-receives a `GenerateRequest`. Types are strict: "1024" is not 1024, 1.5 is not 1, and a
+`parse_request(raw)` (src/request/parse.py) is the only reader of `job["input"]`; everything
+below the handler receives a `GenerateRequest`. Types are strict: "1024" is not 1024, 1.5 is not 1, and a
 bool is neither a number nor an integer.
 """
 
 from __future__ import annotations
 
-import difflib
-import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -16,7 +14,6 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    ValidationError,
     field_validator,
     model_validator,
 )
@@ -28,7 +25,6 @@ from src.request.sizes import MAX_SIDE as MAX_SIDE
 from src.request.sizes import MIN_SIDE as MIN_SIDE
 from src.request.sizes import PRESET_SIZES as PRESET_SIZES
 from src.request.sizes import SIDE_STEP as SIDE_STEP
-from src.runtime.errors import JobError
 
 MAX_PROMPT_CHARS = 4000
 MAX_SEED = 2**32 - 1
@@ -36,7 +32,6 @@ MAX_SEED = 2**32 - 1
 ACCELERATION_LEVELS = ("none", "regular", "high")
 FORMAT_ALIASES = {"jpg": "jpeg"}
 # A body with a thousand bad keys is answered in a few clauses, not a thousand.
-MAX_PROBLEMS = 5
 
 
 def _format_name(value: Any) -> Any:
@@ -302,80 +297,3 @@ class GenerateRequest(BaseModel):
 
 
 FIELDS = GenerateRequest.model_fields
-
-
-def parse_request(raw: Any) -> GenerateRequest:
-    """Validate a job's `input`; every problem becomes one `JobError` naming its fields."""
-    if not isinstance(raw, dict):
-        raise JobError(
-            f"input: {_shown(raw)} is not allowed: it must be a JSON object with at least 'prompt'"
-        )
-    try:
-        return GenerateRequest.model_validate(raw)
-    except ValidationError as err:
-        errors = err.errors()
-        problems = [_describe(error, raw) for error in errors[:MAX_PROBLEMS]]
-        if len(errors) > MAX_PROBLEMS:
-            problems.append(f"and {len(errors) - MAX_PROBLEMS} more problem(s)")
-        raise JobError("; ".join(problems)) from None
-
-
-def _describe(error: Any, raw: dict) -> str:
-    """One pydantic error -> 'field: what arrived is not allowed: what is allowed'."""
-    field = str(error["loc"][0]) if error["loc"] else ""
-    if field == "loras" and len(error["loc"]) > 1:
-        return _describe_lora(error, raw)
-    if error["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(field, FIELDS, n=1, cutoff=0.5)
-        hint = f"did you mean '{close[0]}'? " if close else ""
-        return f"{_key(field)}: unknown field; {hint}allowed fields: {', '.join(FIELDS)}"
-    if error["type"] == "missing":
-        return f"{field}: required; send {FIELDS[field].description}"
-    if not field:  # a rule across fields (model validator)
-        return str(error["ctx"]["error"])
-    shown = _shown(raw.get(field))
-    return f"{field}: {shown} is not allowed: it must be {FIELDS[field].description}"
-
-
-def _describe_lora(error: Any, raw: dict) -> str:
-    """An error inside `loras[i]`, named `loras[i].<key>`; a URL is shown without its query (tokens)."""
-    index, key = error["loc"][1], (str(error["loc"][2]) if len(error["loc"]) > 2 else "")
-    entry = raw["loras"][index]
-    name = f"loras[{index}]"
-    if error["type"] == "extra_forbidden":
-        return f"{name}.{_key(key)}: unknown field; allowed fields: {', '.join(LoraSpec.model_fields)}"
-    if not key:
-        return f"{name}: {_shown(entry)} is not allowed: it must be an object {{'path': ..., 'scale': ...}}"
-    spec = LoraSpec.model_fields[key]
-    if error["type"] == "missing":
-        return f"{name}.{key}: required; send {spec.description}"
-    value = entry.get(key)
-    shown = shown_path(value) if key == "path" and isinstance(value, str) else _shown(value)
-    reason = (
-        str(error["ctx"]["error"]) if error["type"] == "value_error" else f"it must be {spec.description}"
-    )
-    return f"{name}.{key}: {shown} is not allowed: {reason}"
-
-
-def _key(name: str) -> str:
-    """An unknown key as the message shows it: as sent when short and plain, else quoted and cut,
-    so a 5 MB key is not echoed back and a key with a newline cannot forge a log line."""
-    if re.fullmatch(r"[\w.-]{1,40}", name, flags=re.ASCII):
-        return name
-    return repr(name[:40]) + ("..." if len(name) > 40 else "")
-
-
-def _shown(value: Any) -> str:
-    """What arrived, short enough for a message (a 5 MB string is not echoed back)."""
-    if isinstance(value, str):
-        if len(value) > 60:
-            return f"a string of {len(value)} characters"
-        return repr(value) if value.strip() else f"a blank string {value!r}"
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"{str(value).lower()} (a boolean)"
-    if isinstance(value, (int, float)):
-        return repr(value) + (" (a number)" if isinstance(value, float) else "")
-    kind = {dict: "an object", list: "a list"}.get(type(value), type(value).__name__)
-    return kind

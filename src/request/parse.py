@@ -1,0 +1,93 @@
+"""`parse_request`: the one reader of a job's `input`, and the messages of what it refuses.
+
+Every problem names its field, shows what arrived (short: a 5 MB string is not echoed back, a
+LoRA URL loses its query) and says what is allowed; up to five problems go in one message.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Any
+
+from pydantic import ValidationError
+
+from src.lora.files import shown_path
+from src.request.schema import FIELDS, GenerateRequest, LoraSpec
+from src.runtime.errors import JobError
+
+MAX_PROBLEMS = 5
+
+
+def parse_request(raw: Any) -> GenerateRequest:
+    """Validate a job's `input`; every problem becomes one `JobError` naming its fields."""
+    if not isinstance(raw, dict):
+        raise JobError(f"input: {shown(raw)} is not allowed: it must be a JSON object with at least 'prompt'")
+    try:
+        return GenerateRequest.model_validate(raw)
+    except ValidationError as err:
+        errors = err.errors()
+        problems = [_describe(error, raw) for error in errors[:MAX_PROBLEMS]]
+        if len(errors) > MAX_PROBLEMS:
+            problems.append(f"and {len(errors) - MAX_PROBLEMS} more problem(s)")
+        raise JobError("; ".join(problems)) from None
+
+
+def _describe(error: Any, raw: dict) -> str:
+    """One pydantic error -> 'field: what arrived is not allowed: what is allowed'."""
+    field = str(error["loc"][0]) if error["loc"] else ""
+    if field == "loras" and len(error["loc"]) > 1:
+        return _describe_lora(error, raw)
+    if error["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(field, FIELDS, n=1, cutoff=0.5)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return f"{shown_key(field)}: unknown field; {hint}allowed fields: {', '.join(FIELDS)}"
+    if error["type"] == "missing":
+        return f"{field}: required; send {FIELDS[field].description}"
+    if not field:  # a rule across fields (model validator)
+        return str(error["ctx"]["error"])
+    return f"{field}: {shown(raw.get(field))} is not allowed: it must be {FIELDS[field].description}"
+
+
+def _describe_lora(error: Any, raw: dict) -> str:
+    """An error inside `loras[i]`, named `loras[i].<key>`; a URL is shown without its query (tokens)."""
+    index, key = error["loc"][1], (str(error["loc"][2]) if len(error["loc"]) > 2 else "")
+    entry = raw["loras"][index]
+    name = f"loras[{index}]"
+    if error["type"] == "extra_forbidden":
+        return f"{name}.{shown_key(key)}: unknown field; allowed fields: {', '.join(LoraSpec.model_fields)}"
+    if not key:
+        return f"{name}: {shown(entry)} is not allowed: it must be an object {{'path': ..., 'scale': ...}}"
+    spec = LoraSpec.model_fields[key]
+    if error["type"] == "missing":
+        return f"{name}.{key}: required; send {spec.description}"
+    value = entry.get(key)
+    arrived = shown_path(value) if key == "path" and isinstance(value, str) else shown(value)
+    reason = (
+        str(error["ctx"]["error"]) if error["type"] == "value_error" else f"it must be {spec.description}"
+    )
+    return f"{name}.{key}: {arrived} is not allowed: {reason}"
+
+
+def shown_key(name: str) -> str:
+    """An unknown key as the message shows it: as sent when short and plain, else quoted and cut,
+    so a 5 MB key is not echoed back and a key with a newline cannot forge a log line."""
+    if re.fullmatch(r"[\w.-]{1,40}", name, flags=re.ASCII):
+        return name
+    return repr(name[:40]) + ("..." if len(name) > 40 else "")
+
+
+def shown(value: Any) -> str:
+    """What arrived, short enough for a message (a 5 MB string is not echoed back)."""
+    if isinstance(value, str):
+        if len(value) > 60:
+            return f"a string of {len(value)} characters"
+        return repr(value) if value.strip() else f"a blank string {value!r}"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    if isinstance(value, (int, float)):
+        return repr(value) + (" (a number)" if isinstance(value, float) else "")
+    kind = {dict: "an object", list: "a list"}.get(type(value), type(value).__name__)
+    return kind
