@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from src.jobs.worker import TIMING_KEYS, Worker
+from src.jobs.output import TIMING_KEYS
+from src.jobs.worker import Worker
 from src.model.modes import MODES
 from src.model.pipeline import ZImageGenerator, load_pipeline
 from src.request.schema import PRESET_SIZES

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import secrets
 import time
@@ -32,6 +31,7 @@ from src.delivery.encoding import data_uri, encode_image
 from src.delivery.storage import Storage
 from src.inputs.pictures import Inputs, load_inputs, open_input
 from src.jobs import startup
+from src.jobs.output import job_output
 from src.jobs.progress import progress_reporter
 from src.jobs.slots import Delivery
 from src.jobs.startup import ServedModel
@@ -47,7 +47,6 @@ from src.model.pixels import from_pil
 from src.model.safety import SafetyChecker
 from src.request.models import MODELS
 from src.request.parse import parse_request
-from src.request.pricing import job_cost
 from src.request.schema import MAX_SEED, GenerateRequest
 from src.request.sizes import AUTO, auto_size
 from src.runtime.errors import JobError, error_output
@@ -57,21 +56,6 @@ from src.runtime.timing import Stopwatch
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-# Runpod rejects results over 20 MB (/run: 10 MB); data URIs past that fail the job instead.
-MAX_RESULT_BYTES = 20_000_000
-TIMING_KEYS = (
-    "load_input",
-    "load_loras",
-    "preprocess_control",
-    "expand_prompt",
-    "encode_prompt",
-    "denoise",
-    "decode",
-    "safety",
-    "encode_image",
-    "upload",
-)
 
 
 @dataclass
@@ -260,7 +244,7 @@ class Worker:
             clock.lap("encode_image", sync=False)
             urls = await run_stoppable(None, self._deliver, stop, job_id, encoded, request, inline, stop)
             clock.lap("upload", sync=False)
-        return self._output(request, seed, kept, urls, flags, clock, expanded)
+        return job_output(self.settings, request, seed, kept, urls, flags, clock, expanded)
 
     def _on_gpu(
         self,
@@ -341,46 +325,3 @@ class Worker:
         if self.storage is not None and not inline:
             return self.storage.upload_all(job_id, encoded, request.output_format, stop)
         return [data_uri(data, request.output_format) for data in encoded]
-
-    def _output(
-        self,
-        request: GenerateRequest,
-        seed: int,
-        kept: list[int],
-        urls: list[str],
-        flags: list[bool],
-        clock: Stopwatch,
-        expanded: str | None = None,
-    ) -> dict[str, Any]:
-        seeds = [(seed + i) % 2**32 for i in kept]
-        output: dict[str, Any] = {"image_url": urls[0]}
-        if request.num_images > 1:
-            output["images"] = [{"image_url": url, "seed": s} for url, s in zip(urls, seeds, strict=True)]
-        timings = {key: clock.timings.get(key, 0.0) for key in TIMING_KEYS}
-        timings["total"] = clock.total_ms()
-        output.update(
-            seed=seeds[0],
-            cost=job_cost(
-                getattr(self.settings, MODELS[request.model].price_field),
-                len(kept),
-                self.settings.prompt_expansion_price_usd if expanded else 0.0,
-            ),
-            model=request.model,
-            acceleration=request.acceleration,
-            width=request.width,
-            height=request.height,
-            output_format=request.output_format,
-            has_nsfw_concepts=flags,
-            timings=timings,
-        )
-        if expanded:
-            output["expanded_prompt"] = expanded
-        size = len(json.dumps(output))
-        if size > MAX_RESULT_BYTES:  # only data URIs get this big; a cut or broken result is worse
-            raise JobError(
-                f"output: {len(urls)} {request.output_format} image(s) at {request.size} make a "
-                f"{size / 1e6:.1f} MB response, over Runpod's {MAX_RESULT_BYTES // 1_000_000} MB result "
-                "limit (10 MB for /run). Configure a bucket (BUCKET_* settings), or use output_format "
-                "'jpeg' or 'webp', fewer images, or a smaller size."
-            )
-        return output
