@@ -76,28 +76,21 @@ ARG POSE_DETECTOR_REPO=PekingU/rtdetr_r50vd_coco_o365
 ARG POSE_DETECTOR_REVISION=
 COPY builder/download_weights.py /opt/builder/download_weights.py
 RUN case "$BAKE_WEIGHTS" in \
-      1) python /opt/builder/download_weights.py --dest /models \
-           --zimage-repo "$ZIMAGE_REPO" --zimage-revision "$ZIMAGE_REVISION" \
-           --safety-repo "$SAFETY_REPO" --safety-revision "$SAFETY_REVISION" \
-           --base-repo "$ZIMAGE_BASE_REPO" --base-revision "$ZIMAGE_BASE_REVISION" \
-           --controlnet-repo "$CONTROLNET_REPO" --controlnet-file "$CONTROLNET_FILE" \
-           --controlnet-revision "$CONTROLNET_REVISION" \
-           --depth-repo "$DEPTH_REPO" --depth-revision "$DEPTH_REVISION" \
-           --expander-repo "$PROMPT_EXPANDER_REPO" --expander-revision "$PROMPT_EXPANDER_REVISION" \
-           --pose-repo "$POSE_REPO" --pose-revision "$POSE_REVISION" \
-           --pose-detector-repo "$POSE_DETECTOR_REPO" --pose-detector-revision "$POSE_DETECTOR_REVISION" ;; \
-      safety) python /opt/builder/download_weights.py --dest /models --zimage-repo none \
-           --safety-repo "$SAFETY_REPO" --safety-revision "$SAFETY_REVISION" \
-           --base-repo "$ZIMAGE_BASE_REPO" --base-revision "$ZIMAGE_BASE_REVISION" \
-           --controlnet-repo "$CONTROLNET_REPO" --controlnet-file "$CONTROLNET_FILE" \
-           --controlnet-revision "$CONTROLNET_REVISION" \
-           --depth-repo "$DEPTH_REPO" --depth-revision "$DEPTH_REVISION" \
-           --expander-repo "$PROMPT_EXPANDER_REPO" --expander-revision "$PROMPT_EXPANDER_REVISION" \
-           --pose-repo "$POSE_REPO" --pose-revision "$POSE_REVISION" \
-           --pose-detector-repo "$POSE_DETECTOR_REPO" --pose-detector-revision "$POSE_DETECTOR_REVISION" ;; \
-      0) echo "BAKE_WEIGHTS=0: no weights in the image (Runpod cached models or a network volume)" ;; \
+      1) turbo="$ZIMAGE_REPO" ;; \
+      safety) turbo=none ;; \
+      0) echo "BAKE_WEIGHTS=0: no weights in the image (Runpod cached models or a network volume)"; exit 0 ;; \
       *) echo "BAKE_WEIGHTS must be 1, safety or 0, got '$BAKE_WEIGHTS'" >&2; exit 1 ;; \
-    esac
+    esac \
+ && python /opt/builder/download_weights.py --dest /models \
+      --zimage-repo "$turbo" --zimage-revision "$ZIMAGE_REVISION" \
+      --safety-repo "$SAFETY_REPO" --safety-revision "$SAFETY_REVISION" \
+      --base-repo "$ZIMAGE_BASE_REPO" --base-revision "$ZIMAGE_BASE_REVISION" \
+      --controlnet-repo "$CONTROLNET_REPO" --controlnet-file "$CONTROLNET_FILE" \
+      --controlnet-revision "$CONTROLNET_REVISION" \
+      --depth-repo "$DEPTH_REPO" --depth-revision "$DEPTH_REVISION" \
+      --expander-repo "$PROMPT_EXPANDER_REPO" --expander-revision "$PROMPT_EXPANDER_REVISION" \
+      --pose-repo "$POSE_REPO" --pose-revision "$POSE_REVISION" \
+      --pose-detector-repo "$POSE_DETECTOR_REPO" --pose-detector-revision "$POSE_DETECTOR_REVISION"
 
 # The worker looks for the repos it was built with; at run time it never reaches the Hub
 # (weights missing from every local place stop it at start, with where it looked).

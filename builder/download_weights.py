@@ -78,6 +78,28 @@ SHAREABLE = ("text_encoder", "tokenizer", "vae")
 WIDE_FLOATS = ("float32", "float64")
 
 
+# Each repo the image can bake: --<name>-repo (a repo id, or 'none'; an unset Docker build arg,
+# "", is none) and --<name>-revision (a branch, tag or commit; "" is the default branch).
+REPOS = (
+    ("zimage", "Tongyi-MAI/Z-Image-Turbo",
+     "diffusers repo id, or 'none' to bake the checker only (Runpod cached models hold one repo)"),
+    ("safety", "Falconsai/nsfw_image_detection", "image classifier repo id, or 'none' to bake no checker"),
+    ("base", "none",
+     "the undistilled base Z-Image repo id (Tongyi-MAI/Z-Image), or 'none' (the default) to bake "
+     "no base; the components it has the same as --zimage-repo's are linked, not fetched again"),
+    ("controlnet", "none",
+     "Z-Image-Turbo Fun ControlNet Union repo id, or 'none' (the default) to bake no ControlNet"),
+    ("depth", "none",
+     "depth-estimation repo id for control_preprocess 'depth', baked only with a ControlNet"),
+    ("expander", "none",
+     "the prompt expander, a Qwen3 causal LM repo id (Qwen/Qwen3-4B), or 'none' (the default); "
+     "its safetensors that are files of --zimage-repo's text encoder are linked, not fetched"),
+    ("pose", "none", "ViTPose repo id for control_preprocess 'pose', baked only with a ControlNet"),
+    ("pose-detector", "PekingU/rtdetr_r50vd_coco_o365",
+     "RT-DETR person detector repo id, baked beside --pose-repo"),
+)  # fmt: skip
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options; an empty revision (an unset Docker build arg) means the default branch."""
     parser = argparse.ArgumentParser(
@@ -86,69 +108,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--dest", type=Path, default=Path("/models"), help="folder that receives <repo name>/"
     )
-    parser.add_argument(
-        "--zimage-repo",
-        default="Tongyi-MAI/Z-Image-Turbo",
-        help="diffusers repo id, or 'none' to bake the checker only (Runpod cached models hold one repo)",
-    )
-    parser.add_argument("--zimage-revision", type=_revision, default=None, help="branch, tag or commit")
-    parser.add_argument(
-        "--safety-repo",
-        default="Falconsai/nsfw_image_detection",
-        help="image classifier repo id, or 'none' to bake no checker",
-    )
-    parser.add_argument("--safety-revision", type=_revision, default=None, help="branch, tag or commit")
-    parser.add_argument(
-        "--base-repo",
-        type=_none_if_empty,
-        default="none",
-        help="the undistilled base Z-Image repo id (Tongyi-MAI/Z-Image), or 'none' (the default) to bake "
-        "no base; the components it has the same as --zimage-repo's are linked, not fetched again",
-    )
-    parser.add_argument("--base-revision", type=_revision, default=None, help="branch, tag or commit")
-    parser.add_argument(
-        "--controlnet-repo",
-        type=_none_if_empty,
-        default="none",
-        help="Z-Image-Turbo Fun ControlNet Union repo id, or 'none' (the default) to bake no ControlNet",
-    )
+    for name, default, about in REPOS:
+        parser.add_argument(f"--{name}-repo", type=_none_if_empty, default=default, help=about)
+        parser.add_argument(f"--{name}-revision", type=_revision, default=None, help="branch, tag or commit")
     parser.add_argument(
         "--controlnet-file",
         type=_revision,
         default=None,
-        help="the single-file release to take from that repo (default: <repo name>.safetensors)",
-    )
-    parser.add_argument("--controlnet-revision", type=_revision, default=None, help="branch, tag or commit")
-    parser.add_argument(
-        "--depth-repo",
-        type=_none_if_empty,
-        default="none",
-        help="depth-estimation repo id for control_preprocess 'depth', baked only with a ControlNet",
-    )
-    parser.add_argument("--depth-revision", type=_revision, default=None, help="branch, tag or commit")
-    parser.add_argument(
-        "--expander-repo",
-        type=_none_if_empty,
-        default="none",
-        help="the prompt expander, a Qwen3 causal LM repo id (Qwen/Qwen3-4B), or 'none' (the default); "
-        "its safetensors that are files of --zimage-repo's text encoder are linked, not fetched",
-    )
-    parser.add_argument("--expander-revision", type=_revision, default=None, help="branch, tag or commit")
-    parser.add_argument(
-        "--pose-repo",
-        type=_none_if_empty,
-        default="none",
-        help="ViTPose repo id for control_preprocess 'pose', baked only with a ControlNet",
-    )
-    parser.add_argument("--pose-revision", type=_revision, default=None, help="branch, tag or commit")
-    parser.add_argument(
-        "--pose-detector-repo",
-        type=_none_if_empty,
-        default="PekingU/rtdetr_r50vd_coco_o365",
-        help="RT-DETR person detector repo id, baked beside --pose-repo",
-    )
-    parser.add_argument(
-        "--pose-detector-revision", type=_revision, default=None, help="branch, tag or commit"
+        help="the single-file release to take from --controlnet-repo (default: <repo name>.safetensors)",
     )
     parser.add_argument(
         "--bf16-components",
@@ -161,13 +128,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--endpoint", default=None, help="Hub address (default: HF_ENDPOINT or huggingface.co)"
     )
     args = parser.parse_args(argv)
-    repos = ("zimage_repo", "base_repo", "safety_repo", "controlnet_repo", "depth_repo", "expander_repo")
-    for option in (*repos, "pose_repo", "pose_detector_repo"):
-        repo = getattr(args, option)
+    for name, _, _ in REPOS:
+        repo = getattr(args, f"{name.replace('-', '_')}_repo")
         if repo.lower() != "none" and repo.count("/") != 1:
-            parser.error(
-                f"--{option.replace('_', '-')}: {repo!r} is not a repo id of the form Org/Name (or none)"
-            )
+            parser.error(f"--{name}-repo: {repo!r} is not a repo id of the form Org/Name (or none)")
     repos = (args.zimage_repo, args.safety_repo, args.controlnet_repo, args.base_repo, args.expander_repo)
     if all(repo.lower() == "none" for repo in repos):
         parser.error(
