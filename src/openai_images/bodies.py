@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from src.request.parse import MAX_PROBLEMS, shown  # a body with a thousand bad keys: a few clauses
+from src.request.parse import joined, shown  # a body with a thousand bad keys: a few clauses
 from src.runtime.errors import JobError
 
 # Native fields without an OpenAI equivalent, accepted as they are (API.md, "OpenAI Images API").
@@ -151,10 +151,9 @@ def native_input(route: str, body: Any) -> tuple[dict[str, Any], GenerationField
     except ValidationError as err:
         problems += [(str(e["loc"][0]) if e["loc"] else "", _describe(e, body, model)) for e in err.errors()]
     if problems or fields is None:
-        messages = [message for _, message in problems[:MAX_PROBLEMS]]
-        if len(problems) > MAX_PROBLEMS:
-            messages.append(f"and {len(problems) - MAX_PROBLEMS} more problem(s)")
-        raise BadBody("; ".join(messages), problems[0][0][:40] or None)
+        raise BadBody(
+            joined([message for _, message in problems], len(problems)), problems[0][0][:40] or None
+        )
 
     native = {key: body[key] for key in passed if key in body}
     if fields.n is not None:

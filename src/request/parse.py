@@ -27,10 +27,17 @@ def parse_request(raw: Any) -> GenerateRequest:
         return GenerateRequest.model_validate(raw)
     except ValidationError as err:
         errors = err.errors()
-        problems = [_describe(error, raw) for error in errors[:MAX_PROBLEMS]]
-        if len(errors) > MAX_PROBLEMS:
-            problems.append(f"and {len(errors) - MAX_PROBLEMS} more problem(s)")
-        raise JobError("; ".join(problems)) from None
+        raise JobError(
+            joined([_describe(error, raw) for error in errors[:MAX_PROBLEMS]], len(errors))
+        ) from None
+
+
+def joined(problems: list[str], total: int) -> str:
+    """The first MAX_PROBLEMS of `total` problems as one message, and how many more there were."""
+    clauses = problems[:MAX_PROBLEMS]
+    if total > MAX_PROBLEMS:
+        clauses.append(f"and {total - MAX_PROBLEMS} more problem(s)")
+    return "; ".join(clauses)
 
 
 def _describe(error: Any, raw: dict) -> str:
