@@ -6,7 +6,9 @@ Every part runs on the GPU thread (src/runtime/gpu.py), as every later torch op 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -17,11 +19,14 @@ from src.control.pose import PoseEstimator
 from src.control.preprocess import DepthEstimator
 from src.lora.adapters import LoraAdapters
 from src.lora.files import LoraFiles
+from src.model import memory, placement
 from src.model.acceleration import COMPILED_NOTE
 from src.model.expander import PromptExpander
 from src.model.expander_weights import load_expander_model, missing_expander_files
 from src.model.files import SearchRoots, missing_classifier_files, resolve_model
 from src.model.pipeline import ZImageGenerator
+from src.model.placement import Placement, store_fp8
+from src.model.residence import Residence
 from src.model.safety import SafetyChecker
 from src.runtime.settings import Settings
 from src.runtime.timing import Stopwatch
@@ -143,3 +148,85 @@ def load_expander(
 def warm_up(settings: Settings, models: dict[str, ServedModel]) -> None:
     for served in models.values():
         served.generator.warm_up(compiled=settings.compile, lora_slots=served.loras.slots)
+
+
+def plan_memory(
+    settings: Settings,
+    models: dict[str, ServedModel],
+    control: ControlModels,
+    safety: SafetyChecker | None,
+    expander: PromptExpander | None,
+) -> Placement:
+    """The memory plan for this card and these models (src/model/memory.py), put in place here
+    and nowhere else: the job flow only sees batches split and weights where the plan put them."""
+    generators = [served.generator for served in models.values()]
+    device = generators[0].device
+    pipes = [generator.text_to_image for generator in generators]
+    transformers = unique([pipe.transformer for pipe in pipes])
+    encoders, vaes = unique([pipe.text_encoder for pipe in pipes]), unique([pipe.vae for pipe in pipes])
+    pose = [control.pose.detector, control.pose.pose] if control.pose is not None else []
+    others = [safety.model if safety else None, control.depth.model if control.depth else None, *pose]
+    own_expander = expander.model if expander is not None else None
+    parts = placement.measure(transformers, encoders, vaes, control.controlnet, own_expander, others)
+    shapes = placement.shapes_of(transformers[0], vaes[0], encoders[0], control.controlnet)
+    budget, context = memory_budget(settings, device)
+    job = placement.worst_job(settings.lora_max_loaded)
+    choice = memory.choose(settings.memory_plan, parts, shapes, budget, context, job)  # may refuse
+    plan = choice.plan
+    where = {"transformer": f"on {device.type}"}
+    if plan.fp8:
+        dtype = generators[0].text_to_image.transformer.dtype
+        cast = [store_fp8(model, dtype) for model in [*transformers, control.controlnet] if model is not None]
+        kept = "norms, embedders, final layer as loaded"
+        where["transformer"] += f", {sum(map(len, cast))} layers stored in fp8 ({kept})"
+    if control.controlnet is not None:
+        where["ControlNet"] = where["transformer"] if plan.fp8 else f"on {device.type}"
+    residence = Residence([*encoders, own_expander] if own_expander else encoders, device, plan.offloads)
+    where["text encoder" + (" and expander" if expander else "")] = residence.where
+    for generator in generators:
+        generator.prompts.residence = residence
+        if plan.splits:
+            generator.largest_batch = partial(batch_for, plan, parts, shapes, job, budget - context)
+        if plan.slices:
+            generator.tile_above = memory.TILE_ABOVE
+    if expander is not None and plan.offloads:
+        expander.offload(residence)
+    for vae in vaes if plan.slices else []:
+        vae.enable_slicing()
+        vae.tile_sample_min_size = memory.TILE_PIXELS
+        vae.tile_latent_min_size = memory.TILE_PIXELS // shapes.vae_scale
+    where["VAE"] = f"on {device.type}" + (", one image at a time, tiled above 1 MP" if plan.slices else "")
+    placed = Placement(choice, budget, where)
+    (log.info if choice.fits else log.warning)("%s", placed.line)
+    return placed
+
+
+def unique(modules: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    return list({id(module): module for module in modules}.values())
+
+
+def memory_budget(settings: Settings, device: torch.device) -> tuple[float, int]:
+    """GPU_MEMORY_GB in bytes (default: the GPU's total; without CUDA, no limit), and the part of
+    it the CUDA context and other processes hold already (torch's own allocations apart)."""
+    if device.type != "cuda":
+        budget = math.inf if settings.gpu_memory_gb is None else settings.gpu_memory_gb * memory.GB
+        return budget, 0
+    free, total = torch.cuda.mem_get_info(device)
+    budget = total if settings.gpu_memory_gb is None else settings.gpu_memory_gb * memory.GB
+    return budget, max(0, total - free - torch.cuda.memory_reserved(device))
+
+
+def batch_for(
+    plan: memory.Plan, parts: memory.Parts, shapes: memory.Shapes, worst: memory.Job, budget: float, request
+) -> int:
+    """The most of `request`'s images the plan denoises at once (the worst job's LoRAs stay loaded)."""
+    job = memory.Job(
+        width=request.width,
+        height=request.height,
+        images=request.num_images,
+        guidance=request.guidance_scale > 0,
+        control=request.control_image is not None,
+        loras=worst.loras,
+        expansion=False,
+    )
+    return memory.largest_batch(plan, parts, shapes, job, budget)

@@ -120,6 +120,8 @@ class Worker:
         expander = startup.load_expander(settings, roots, models)
         if expander is not None:
             clock.lap("load_prompt_expander")
+        startup.plan_memory(settings, models, control, safety, expander)  # may refuse: too little memory
+        clock.lap("plan_memory")
         storage = Storage(settings) if settings.storage_enabled else None
         clock.lap("connect_storage")
         startup.warm_up(settings, models)
