@@ -196,7 +196,7 @@ def plan_memory(
         vae.tile_sample_min_size = memory.TILE_PIXELS
         vae.tile_latent_min_size = memory.TILE_PIXELS // shapes.vae_scale
     where["VAE"] = f"on {device.type}" + (", one image at a time, tiled above 1 MP" if plan.slices else "")
-    placed = Placement(choice, budget, where)
+    placed = Placement(choice, budget, where, parts, shapes)
     (log.info if choice.fits else log.warning)("%s", placed.line)
     return placed
 

@@ -32,6 +32,7 @@ STORAGE = torch.float8_e4m3fn
 # (and SigLIP) embedders, the ControlNet's own image embedder, and the final layer.
 KEPT = ("norm", "x_embedder", "t_embedder", "cap_embedder", "siglip_embedder", "all_final_layer")
 CASTABLE = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+ADAPTERS = r"\.lora_"  # peft's LoRA layers, added per job: small, and kept in the compute dtype
 CASTING_HOOK = "layerwise_casting"  # diffusers.hooks.layerwise_casting._LAYERWISE_CASTING_HOOK
 
 
@@ -61,7 +62,7 @@ def castable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
         (name, layer)
         for name, layer in model.named_modules()
         if isinstance(layer, CASTABLE)
-        and not any(re.search(pattern, name) for pattern in KEPT)
+        and not any(re.search(pattern, name) for pattern in (*KEPT, ADAPTERS))
         and type(layer.weight.data) in (torch.Tensor, torch.nn.Parameter)
     ]
 
@@ -167,6 +168,8 @@ class Placement:
     choice: Choice
     budget: float  # bytes; math.inf for no budget
     where: dict[str, str]
+    parts: Parts
+    shapes: Shapes
 
     @property
     def line(self) -> str:

@@ -1,0 +1,209 @@
+"""Memory plans on the tiny models (API.md, "GPU memory: a plan for the card").
+
+One worker per plan, each serving both models, a 2.1 ControlNet and a LoRA folder: every plan is
+forced by name and runs every kind of job; `auto` reaches each plan from a budget just above that
+plan's need (src/model/memory.py), measured on these same models.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from builder.tiny_model import build_tiny_base
+from src.jobs.worker import Worker
+from src.model import memory
+from src.model.memory import GB, PLANS, TABLE, Job, MemoryRefusal
+from src.model.placement import KEPT, STORAGE, castable, worst_job
+from src.runtime.settings import MEMORY_PLANS, Settings, SettingsError
+from tests.conftest import data_uri_of, decode_data_uri, handle_job, png_bytes
+from tests.tiny_controlnets import save_controlnet
+from tests.tiny_loras import make_lora, save_lora
+
+JOB = {"prompt": "a lighthouse at dusk", "size": "256*256", "seed": 21, "num_inference_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def folders(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("memory")
+    loras = root / "loras"
+    save_lora(*make_lora(tiny_model, seed=7), loras / "style.safetensors", "kohya")
+    return {
+        "base": build_tiny_base(tiny_model, root / "base"),
+        "controlnet": save_controlnet(tiny_model, "2.1", root / "controlnet")[1],
+        "loras": loras,
+    }
+
+
+def settings(tiny_model: Path, folders: dict[str, Path], **extra) -> Settings:
+    return Settings(
+        model=str(tiny_model),
+        base_model=str(folders["base"]),
+        controlnet_model=str(folders["controlnet"]),
+        depth_model="none",
+        safety_checker_model="none",
+        lora_dirs=(str(folders["loras"]),),
+        **extra,
+    )
+
+
+@pytest.fixture(scope="module")
+def workers(tiny_model: Path, folders: dict[str, Path]) -> dict[str, Worker]:
+    """One worker per plan, forced by name (no budget: each plan as it is)."""
+    return {plan: Worker.start(settings(tiny_model, folders, memory_plan=plan)) for plan in PLANS}
+
+
+def run(worker: Worker, **fields) -> list[np.ndarray]:
+    output = handle_job(worker, {"id": "memory-test", "input": {**JOB, **fields}})
+    assert "error" not in output, output
+    uris = [image["image_url"] for image in output.get("images", [output])]
+    return [np.asarray(decode_data_uri(uri).convert("RGB")).astype(int) for uri in uris]
+
+
+def kinds() -> dict[str, dict]:
+    """Every kind of job: text-to-image, image-to-image, inpainting, control, a LoRA, the base model."""
+    picture = data_uri_of(png_bytes((256, 256), (40, 120, 200)))
+    mask = np.zeros((256, 256), dtype=np.uint8)
+    mask[:, 128:] = 255
+    buffer = io.BytesIO()
+    Image.fromarray(mask).save(buffer, format="PNG")
+    return {
+        "text-to-image": {"num_images": 2},
+        "image-to-image": {"image": picture, "strength": 0.6},
+        "inpainting": {"image": picture, "mask": data_uri_of(buffer.getvalue())},
+        "control": {"control_image": picture},
+        "lora": {"loras": [{"path": "style.safetensors", "scale": 1.0}]},
+        "base model": {"model": "z-image", "num_inference_steps": 2, "guidance_scale": 3.0},
+    }
+
+
+def test_plan_names_are_the_settings_choices():
+    assert tuple(TABLE) == PLANS == MEMORY_PLANS
+
+
+def test_each_plan_needs_less_than_the_one_before(workers):
+    placed = workers["resident"].placement
+    needs = [memory.need(TABLE[plan], placed.parts, placed.shapes) for plan in PLANS]
+    assert needs == sorted(needs, reverse=True) and len(set(needs)) == len(needs), needs
+    # The same estimator on the tiny models: weights of a few MB (a 2048x2048 batch still needs GBs).
+    assert placed.parts.total < 50 * 2**20
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_every_plan_runs_every_kind_of_job(workers, plan):
+    for kind, fields in kinds().items():
+        images = run(workers[plan], **fields)
+        if plan != "fp8":  # the same arithmetic on the same weights: resident's pixels
+            reference = run(workers["resident"], **fields)
+            for image, expected in zip(images, reference, strict=True):
+                assert np.abs(image - expected).max() <= 2, (plan, kind)
+
+
+def test_the_log_line_says_the_plan_the_budget_and_where_each_part_lives(workers):
+    assert workers["resident"].placement.line.startswith(
+        "memory plan: resident for unlimited: transformer on cpu"
+    )
+    line = workers["fp8"].placement.line
+    assert "memory plan: fp8 for unlimited:" in line
+    assert "stored in fp8" in line and "text encoder and expander" not in line
+    assert "text encoder in CPU memory between uses" in line
+
+
+def test_offload_brings_the_text_encoder_over_for_each_new_prompt_and_back(workers):
+    worker = workers["offload"]
+    residence = worker.generator.prompts.residence
+    before = residence.trips
+    run(worker, prompt="a prompt not seen before by this worker")
+    assert residence.trips == before + 1
+    run(worker, prompt="a prompt not seen before by this worker")  # cached: no trip
+    assert residence.trips == before + 1
+    assert all(p.device.type == "cpu" for p in worker.generator.text_encoder.parameters())
+    assert workers["resident"].generator.prompts.residence.trips == 0
+
+
+def test_fp8_stores_float8_except_norms_embedders_and_the_final_layer(workers):
+    generator = workers["fp8"].generator
+    for model in (generator.text_to_image.transformer, generator.controlnet):
+        cast = {name for name, _ in castable(model)}
+        assert cast, model
+        for name, layer in model.named_modules():
+            if not isinstance(layer, torch.nn.Linear) or ".lora_" in name:
+                continue  # adapters of an earlier LoRA job stay in the compute dtype
+            kept = any(word in name for word in KEPT)
+            assert (layer.weight.dtype == STORAGE) != kept, name
+            assert (name in cast) != kept, name
+    transformer = generator.text_to_image.transformer
+    assert transformer.all_final_layer["2-1"].linear.weight.dtype == torch.float32
+    assert transformer.cap_embedder[1].weight.dtype == torch.float32
+    assert transformer.layers[0].attention.to_q.weight.dtype == STORAGE
+
+
+def budget_for(workers, plan: str) -> float:
+    placed = workers["resident"].placement
+    return memory.need(TABLE[plan], placed.parts, placed.shapes, memory_job(workers))
+
+
+def memory_job(workers) -> Job:
+    return worst_job(workers["resident"].settings.lora_max_loaded)
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_auto_picks_the_first_plan_that_fits(workers, plan):
+    placed = workers["resident"].placement
+    job = memory_job(workers)
+    budget = memory.need(TABLE[plan], placed.parts, placed.shapes, job)
+    assert memory.choose("auto", placed.parts, placed.shapes, budget, job=job).plan.name == plan
+    assert memory.choose("auto", placed.parts, placed.shapes, budget + 1, job=job).plan.name == plan
+    forced = memory.choose("resident", placed.parts, placed.shapes, budget, job=job)
+    assert forced.fits == (plan == "resident")
+
+
+def test_below_fp8s_need_the_worker_refuses_to_start(tiny_model, folders, workers):
+    placed = workers["resident"].placement
+    need = memory.need(TABLE["fp8"], placed.parts, placed.shapes, memory_job(workers))
+    too_little = (need - 1) / GB
+    with pytest.raises(MemoryRefusal) as refused:
+        Worker.start(settings(tiny_model, folders, gpu_memory_gb=too_little))
+    message = str(refused.value)
+    assert message.startswith("GPU_MEMORY_GB:") and "GB" in message
+    assert f"{(need) / GB:.3g} GB" in message
+    assert "CONTROLNET_MODEL=none" in message
+
+
+@pytest.fixture(scope="module")
+def split_worker(tiny_model: Path, folders: dict[str, Path], workers) -> Worker:
+    """`auto` with a budget that reaches `sliced` and splits a 1024x1024 batch of 4."""
+    budget = budget_for(workers, "sliced")
+    return Worker.start(settings(tiny_model, folders, gpu_memory_gb=budget / GB))
+
+
+def test_auto_reaches_sliced_and_splits_a_large_batch(split_worker, workers, caplog):
+    assert split_worker.placement.choice.plan.name == "sliced"
+    request = type("R", (), dict(width=1024, height=1024, num_images=4, guidance_scale=0, control_image=None))
+    batch = split_worker.generator.largest_batch(request)
+    assert 1 <= batch < 4
+    fields = {"size": "1024*1024", "num_images": 4, "num_inference_steps": 1, "output_format": "jpeg"}
+    images = run(split_worker, **{**fields, "output_format": "png"})
+    assert len(images) == 4
+    last = run(split_worker, **{**fields, "num_images": 1, "seed": JOB["seed"] + 3, "output_format": "png"})
+    assert np.abs(images[3] - last[0]).max() <= 2
+
+
+def test_four_images_at_2048_complete_under_a_split_plan(split_worker):
+    fields = {"size": "2048*2048", "num_images": 4, "num_inference_steps": 1, "output_format": "jpeg"}
+    output = handle_job(split_worker, {"id": "big", "input": {**JOB, **fields, "output_quality": 30}})
+    assert "error" not in output, output
+    assert len(output["images"]) == 4
+
+
+def test_settings_reject_bad_values():
+    for env, name in (({"GPU_MEMORY_GB": "0"}, "GPU_MEMORY_GB"), ({"MEMORY_PLAN": "all"}, "MEMORY_PLAN")):
+        with pytest.raises(SettingsError, match=name):
+            Settings.from_env(env)
+    assert Settings.from_env({"GPU_MEMORY_GB": "24", "MEMORY_PLAN": "FP8"}).memory_plan == "fp8"
+    assert Settings.from_env({}).gpu_memory_gb is None
