@@ -20,6 +20,7 @@ from src.jobs.worker import Worker
 from src.model import memory
 from src.model.memory import GB, PLANS, TABLE, Job, MemoryRefusal
 from src.model.placement import KEPT, STORAGE, castable, worst_job
+from src.request.parse import parse_request
 from src.runtime.settings import MEMORY_PLANS, Settings, SettingsError
 from tests.conftest import data_uri_of, decode_data_uri, handle_job, png_bytes
 from tests.tiny_controlnets import save_controlnet
@@ -176,25 +177,36 @@ def test_below_fp8s_need_the_worker_refuses_to_start(tiny_model, folders, worker
 
 
 @pytest.fixture(scope="module")
-def split_worker(tiny_model: Path, folders: dict[str, Path], workers) -> Worker:
-    """`auto` with a budget that reaches `sliced` and splits a 1024x1024 batch of 4."""
-    budget = budget_for(workers, "sliced")
-    return Worker.start(settings(tiny_model, folders, gpu_memory_gb=budget / GB))
+def split_worker(tiny_model: Path, folders: dict[str, Path]) -> Worker:
+    """`sliced` forced on a budget below its need: every batch is split down to single images."""
+    return Worker.start(settings(tiny_model, folders, memory_plan="sliced", gpu_memory_gb=0.001))
 
 
-def test_auto_reaches_sliced_and_splits_a_large_batch(split_worker, workers, caplog):
-    assert split_worker.placement.choice.plan.name == "sliced"
-    request = type("R", (), dict(width=1024, height=1024, num_images=4, guidance_scale=0, control_image=None))
-    batch = split_worker.generator.largest_batch(request)
-    assert 1 <= batch < 4
-    fields = {"size": "1024*1024", "num_images": 4, "num_inference_steps": 1, "output_format": "jpeg"}
-    images = run(split_worker, **{**fields, "output_format": "png"})
-    assert len(images) == 4
-    last = run(split_worker, **{**fields, "num_images": 1, "seed": JOB["seed"] + 3, "output_format": "png"})
-    assert np.abs(images[3] - last[0]).max() <= 2
+def test_a_forced_plan_that_does_not_fit_says_so_and_splits_every_batch(split_worker):
+    placed = split_worker.placement
+    assert placed.choice.plan.name == "sliced" and not placed.choice.fits
+    assert "memory plan: sliced for 0.001 GB:" in placed.line and "does not fit" in placed.line
+    request = parse_request({**JOB, "num_images": 4})
+    assert split_worker.generator.largest_batch(request) == 1
 
 
-def test_four_images_at_2048_complete_under_a_split_plan(split_worker):
+@pytest.mark.parametrize("batch", [1, 3])
+def test_image_i_of_a_split_batch_is_the_single_job_with_seed_plus_i(split_worker, workers, batch):
+    generator = split_worker.generator
+    planned = generator.largest_batch
+    generator.largest_batch = lambda request: batch  # 1: the plan's own split; 3: split 3 + 1
+    try:
+        images = run(split_worker, size="512*512", num_images=4)
+    finally:
+        generator.largest_batch = planned
+    whole = run(workers["resident"], size="512*512", num_images=4)
+    for i, image in enumerate(images):
+        single = run(workers["resident"], size="512*512", seed=JOB["seed"] + i)[0]
+        assert np.abs(image - single).max() <= 2, i
+        assert np.abs(image - whole[i]).max() <= 2, i
+
+
+def test_four_images_at_2048_complete_one_at_a_time(split_worker):
     fields = {"size": "2048*2048", "num_images": 4, "num_inference_steps": 1, "output_format": "jpeg"}
     output = handle_job(split_worker, {"id": "big", "input": {**JOB, **fields, "output_quality": 30}})
     assert "error" not in output, output
