@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -66,7 +66,8 @@ def load_control_models(
     """The ControlNet, built on the first model's transformer, and the depth and pose models beside it."""
     if not settings.control_enabled:
         return ControlModels()
-    controlnet = load_controlnet(settings.controlnet_model, transformer, dtype, roots).to(device)
+    # In CPU memory until serve_models moves it, after the memory plan may have stored it in fp8.
+    controlnet = load_controlnet(settings.controlnet_model, transformer, dtype, roots)
     depth = pose = None
     if settings.depth_enabled:
         folder = resolve_model(settings.depth_model, missing_classifier_files, "DEPTH_MODEL", roots)
@@ -92,6 +93,8 @@ def serve_models(
         settings.lora_dirs, settings.lora_cache_path, settings.lora_cache_gb, settings.lora_max_mb
     )
     first = next(iter(pipes))
+    if controlnet is not None:
+        controlnet.to(device)
     models: dict[str, ServedModel] = {}
     for name, pipe in pipes.items():
         # One prompt cache for the models that share one text encoder.
@@ -150,15 +153,48 @@ def warm_up(settings: Settings, models: dict[str, ServedModel]) -> None:
         served.generator.warm_up(compiled=settings.compile, lora_slots=served.loras.slots)
 
 
+def weigh(
+    settings: Settings, pipes: dict[str, ZImagePipeline], control: ControlModels, device: torch.device
+) -> Weights:
+    """The big parts measured while still in CPU memory. Where the plan will be `fp8` (the plan
+    for these parts alone, which the small ones loaded later can only push further down the
+    table), the transformers and ControlNet are stored in fp8 here, so a card that cannot hold
+    them in bf16 never has to."""
+    transformers = unique([pipe.transformer for pipe in pipes.values()])
+    encoders = unique([pipe.text_encoder for pipe in pipes.values()])
+    vaes = unique([pipe.vae for pipe in pipes.values()])
+    parts = placement.measure(transformers, encoders, vaes, control.controlnet)
+    shapes = placement.shapes_of(transformers[0], vaes[0], encoders[0], control.controlnet)
+    budget, context = memory_budget(settings, device)
+    job = placement.worst_job(settings.lora_max_loaded)
+    early = memory.choose(settings.memory_plan, parts, shapes, budget, context, job)  # may refuse
+    if early.plan.fp8:
+        dtype = transformers[0].dtype
+        for model in [*transformers, control.controlnet]:
+            if model is not None:
+                store_fp8(model, dtype)
+    return Weights(parts, shapes, budget, context, job)
+
+
+@dataclass(frozen=True)
+class Weights:
+    parts: memory.Parts  # the transformers, text encoders, VAEs and ControlNet, as loaded
+    shapes: memory.Shapes
+    budget: float
+    context: int
+    job: memory.Job
+
+
 def plan_memory(
     settings: Settings,
+    weights: Weights,
     models: dict[str, ServedModel],
     control: ControlModels,
     safety: SafetyChecker | None,
     expander: PromptExpander | None,
 ) -> Placement:
-    """The memory plan for this card and these models (src/model/memory.py), put in place here
-    and nowhere else: the job flow only sees batches split and weights where the plan put them."""
+    """The memory plan for this card and every loaded part (src/model/memory.py), put in place
+    here (and in `weigh`) only: the job flow sees batches split and weights where the plan put them."""
     generators = [served.generator for served in models.values()]
     device = generators[0].device
     pipes = [generator.text_to_image for generator in generators]
@@ -167,20 +203,22 @@ def plan_memory(
     pose = [control.pose.detector, control.pose.pose] if control.pose is not None else []
     others = [safety.model if safety else None, control.depth.model if control.depth else None, *pose]
     own_expander = expander.model if expander is not None else None
-    parts = placement.measure(transformers, encoders, vaes, control.controlnet, own_expander, others)
-    shapes = placement.shapes_of(transformers[0], vaes[0], encoders[0], control.controlnet)
-    budget, context = memory_budget(settings, device)
-    job = placement.worst_job(settings.lora_max_loaded)
+    more = placement.measure([], [], [], None, own_expander, others)
+    parts = replace(weights.parts, expander=more.expander, others=more.others)
+    shapes, budget, context, job = weights.shapes, weights.budget, weights.context, weights.job
     choice = memory.choose(settings.memory_plan, parts, shapes, budget, context, job)  # may refuse
     plan = choice.plan
     where = {"transformer": f"on {device.type}"}
     if plan.fp8:
         dtype = generators[0].text_to_image.transformer.dtype
-        cast = [store_fp8(model, dtype) for model in [*transformers, control.controlnet] if model is not None]
+        for model in [*transformers, control.controlnet]:
+            if model is not None:
+                store_fp8(model, dtype)  # those `weigh` did not store already
+        cast = sum(placement.is_cast(layer) for model in transformers for layer in model.modules())
         kept = "norms, embedders, final layer as loaded"
-        where["transformer"] += f", {sum(map(len, cast))} layers stored in fp8 ({kept})"
+        where["transformer"] += f", {cast} layers stored in fp8 ({kept})"
     if control.controlnet is not None:
-        where["ControlNet"] = where["transformer"] if plan.fp8 else f"on {device.type}"
+        where["ControlNet"] = f"on {device.type}" + (", stored in fp8 likewise" if plan.fp8 else "")
     residence = Residence([*encoders, own_expander] if own_expander else encoders, device, plan.offloads)
     where["text encoder" + (" and expander" if expander else "")] = residence.where
     for generator in generators:

@@ -117,13 +117,14 @@ class Worker:
         )
         if control.controlnet is not None:
             clock.lap("load_control")
+        weights = startup.weigh(settings, pipes, control, device)  # may refuse: too little memory
         models = startup.serve_models(settings, pipes, control.controlnet, device, clock)  # its own laps
         safety = startup.load_safety(settings, roots, device, dtype)
         clock.lap("load_safety_checker")
         expander = startup.load_expander(settings, roots, models)
         if expander is not None:
             clock.lap("load_prompt_expander")
-        placement = startup.plan_memory(settings, models, control, safety, expander)  # may refuse
+        placement = startup.plan_memory(settings, weights, models, control, safety, expander)
         clock.lap("plan_memory")
         storage = Storage(settings) if settings.storage_enabled else None
         clock.lap("connect_storage")

@@ -24,6 +24,7 @@ from src.model.control_window import control_window, controlled_steps
 from src.model.files import ModelNotFound, load_failure
 from src.model.modes import MODES, Mode, mode_of
 from src.model.pixels import to_bytes
+from src.model.placement import is_cast
 from src.model.prompts import PromptEncoder
 from src.request.schema import PRESET_SIZES, GenerateRequest
 from src.runtime.timing import Stopwatch
@@ -334,7 +335,8 @@ def _float8_matmuls(module: torch.nn.Module, what: str, skip: torch.nn.Module | 
     )
 
     def fresh(layer: torch.nn.Module, name: str) -> bool:
-        return wanted(layer, name) and id(layer) not in _FLOAT8_DONE
+        # A layer the fp8 memory plan stores in float8 already (placement.py) keeps its casting.
+        return wanted(layer, name) and id(layer) not in _FLOAT8_DONE and not is_cast(layer)
 
     chosen = [id(layer) for name, layer in module.named_modules() if fresh(layer, name)]
     try:
