@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -317,6 +318,10 @@ def not_shared_linears(owner: torch.nn.Module) -> Callable[[torch.nn.Module, str
     return lambda layer, name: isinstance(layer, torch.nn.Linear) and id(layer) not in shared
 
 
+# The Docker image's torchao (locks/fp8-cuda.txt), apart from site-packages so that importing
+# diffusers does not import it: on the path only once ZIMAGE_PRECISION=fp8 asks for it.
+FP8_PACKAGES = Path("/opt/fp8")
+
 # Linear layers already given float8 in this process: a layer that two modules hold (the base
 # model's ControlNet view shares Turbo's ControlNet's control blocks) is quantized once.
 _FLOAT8_DONE: set[int] = set()
@@ -339,6 +344,8 @@ def _float8_matmuls(module: torch.nn.Module, what: str, skip: torch.nn.Module | 
         return wanted(layer, name) and id(layer) not in _FLOAT8_DONE and not is_cast(layer)
 
     chosen = [id(layer) for name, layer in module.named_modules() if fresh(layer, name)]
+    if FP8_PACKAGES.is_dir() and str(FP8_PACKAGES) not in sys.path:
+        sys.path.append(str(FP8_PACKAGES))
     try:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
