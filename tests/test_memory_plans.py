@@ -8,6 +8,9 @@ plan's need (src/model/memory.py), measured on these same models.
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +25,7 @@ from src.model.memory import GB, PLANS, TABLE, Job, MemoryRefusal
 from src.model.placement import KEPT, STORAGE, castable, worst_job
 from src.request.parse import parse_request
 from src.runtime.settings import MEMORY_PLANS, Settings, SettingsError
-from tests.conftest import data_uri_of, decode_data_uri, handle_job, png_bytes
+from tests.conftest import ROOT, data_uri_of, decode_data_uri, handle_job, png_bytes
 from tests.tiny_controlnets import save_controlnet
 from tests.tiny_loras import make_lora, save_lora
 
@@ -219,3 +222,22 @@ def test_settings_reject_bad_values():
             Settings.from_env(env)
     assert Settings.from_env({"GPU_MEMORY_GB": "24", "MEMORY_PLAN": "FP8"}).memory_plan == "fp8"
     assert Settings.from_env({}).gpu_memory_gb is None
+
+
+def test_the_plans_import_no_package_and_handler_no_torchao():
+    """`import handler` with ZIMAGE_PRECISION unset: the plans' modules add nothing beyond
+    themselves to what the floor and the modules before them import, and torchao stays out."""
+    floor = "import torch; from diffusers import ZImagePipeline; from transformers import Qwen3Model"
+    code = (
+        f"import sys; {floor}; import src.model.acceleration, src.request.schema, src.runtime.settings; "
+        "before = set(sys.modules); "
+        "import src.model.memory, src.model.placement, src.model.residence; "
+        "print(sorted(set(sys.modules) - before)); "
+        "import handler; print('torchao' in sys.modules, '/opt/fp8' in sys.path)"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("ZIMAGE_PRECISION", "ZIMAGE_ACCELERATION")}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    added, fp8 = done.stdout.strip().splitlines()[-2:]
+    assert added == str(["src.model.memory", "src.model.placement", "src.model.residence"])
+    assert fp8 == "False False"
