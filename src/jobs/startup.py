@@ -28,6 +28,7 @@ from src.model.pipeline import ZImageGenerator
 from src.model.placement import Placement, store_fp8
 from src.model.residence import Residence
 from src.model.safety import SafetyChecker
+from src.request.schema import GenerateRequest
 from src.runtime.settings import Settings
 from src.runtime.timing import Stopwatch
 
@@ -255,7 +256,12 @@ def memory_budget(settings: Settings, device: torch.device) -> tuple[float, int]
 
 
 def batch_for(
-    plan: memory.Plan, parts: memory.Parts, shapes: memory.Shapes, worst: memory.Job, budget: float, request
+    plan: memory.Plan,
+    parts: memory.Parts,
+    shapes: memory.Shapes,
+    worst: memory.Job,
+    budget: float,
+    request: GenerateRequest,
 ) -> int:
     """The most of `request`'s images the plan denoises at once (the worst job's LoRAs stay loaded)."""
     job = memory.Job(
