@@ -302,8 +302,7 @@ def test_the_worker_survives_the_battery(api, battery_log_start):
     reply, elapsed = runsync(api, GOOD)
     assert reply["status"] == "COMPLETED", reply
     assert decode_data_uri(reply["output"]["image_url"]).size == (256, 256)
-    time.sleep(0.5)  # let the worker flush its last lines
-    log = api.log()[battery_log_start:]
+    log = api.settled_log()[battery_log_start:]
     assert "Traceback" not in log and "unexpected error" not in log, log[-3000:]
     # The 5 MB prompt and the 50 MB strings are never echoed into the log.
     assert "a" * 5000 not in log and "A" * 5000 not in log
