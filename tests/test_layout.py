@@ -16,7 +16,18 @@ from tests.conftest import ROOT
 
 SRC = ROOT / "src"
 # Top to bottom: a package may import itself and any package below it, never one above.
-LAYERS = ("lb", "openai_images", "jobs", "control", "model", "delivery", "request", "lora", "inputs", "runtime")
+LAYERS = (
+    "lb",
+    "openai_images",
+    "jobs",
+    "control",
+    "model",
+    "delivery",
+    "request",
+    "lora",
+    "inputs",
+    "runtime",
+)
 
 
 def package_of(path: Path) -> str:
