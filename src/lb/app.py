@@ -42,6 +42,8 @@ from src.lb.limits import (
 )
 from src.openai_images.replies import error_object
 from src.openai_images.routes import MODELS_ROUTE, OpenAIImages
+from src.request.parse import parse_request
+from src.runtime.errors import JobError
 
 log = logging.getLogger(__name__)
 ROUTES = {
@@ -268,12 +270,24 @@ async def _native_job(request: Request, images: OpenAIImages, body: bytes) -> Re
         return Response(status_code=499)
     if "error" in output:
         error = output["error"]
-        return JSONResponse({"id": job_id, "status": "FAILED", "error": error}, _failed_status(error))
+        status = _native_status(raw["input"], error)
+        return JSONResponse({"id": job_id, "status": "FAILED", "error": error}, status)
     return JSONResponse({"id": job_id, "status": "COMPLETED", "output": output})
 
 
 def _job_id() -> str:
     return f"lb-{uuid.uuid4()}"
+
+
+def _native_status(job_input: Any, error: str | dict[str, Any]) -> int:
+    """A failed native job: 400 when the input itself is unreadable (any key, however named, is
+    then the caller's), else as the OpenAI adapter reads the message."""
+    if isinstance(error, str):
+        try:
+            parse_request(job_input)
+        except JobError:
+            return 400
+    return _failed_status(error)
 
 
 def _failed_status(error: str | dict[str, Any]) -> int:
