@@ -7,6 +7,7 @@ the other process tests, so nothing leaves 127.0.0.1.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 import openai
 import pytest
 import requests
+from PIL import Image
 
 from tests.conftest import ROOT, free_port, worker_env
 from tests.load_balancer import wait_until
@@ -142,3 +144,23 @@ def test_a_bad_setting_or_a_missing_model_stops_it_naming_why(tiny_model, tmp_pa
     assert missing.process.wait(timeout=120) == 1
     assert "listening on port" in missing.log() and "cannot start" in missing.log()
     missing.close()
+
+
+def test_try_cpu_saves_the_pictures_and_prints_their_paths(tiny_model, tmp_path):
+    # scripts/try-cpu.sh sets up, builds the tiny model, then runs this with its arguments.
+    job = {"input": {"prompt": "a fox", "size": "256*256", "num_images": 2, "output_format": "webp"}}
+    done = subprocess.run(
+        [sys.executable, "scripts/try_cpu.py", "--test_input", json.dumps(job), "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env_of(tiny_model),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    paths = [
+        Path(line.removeprefix("saved ")) for line in done.stdout.splitlines() if line.startswith("saved ")
+    ]
+    assert len(paths) == 2 and all(path.parent == tmp_path for path in paths)
+    assert [Image.open(path).size for path in paths] == [(256, 256)] * 2
+    assert Image.open(paths[0]).format == "WEBP"
