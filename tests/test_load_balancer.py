@@ -173,6 +173,9 @@ def test_a_body_over_30_mb_is_413_and_read_to_its_end(lb):
     assert response.status_code == 413 and "30 MB" in response.json()["error"]["message"]
     chunked = requests.post(f"{lb.url}/runsync", data=iter([big[:MAX_BODY], b"yy"]), timeout=60)
     assert chunked.status_code == 413
+    # Refusals before any route reads the body drain it too, so the client reads them.
+    assert requests.post(f"{lb.url}/nope", data=big, timeout=60).status_code == 404
+    assert requests.post(f"{lb.url}/v1/models", data=big, timeout=60).status_code == 405
     assert (
         runsync(lb, {"prompt": "after", "size": "256*256", "num_inference_steps": 1})["status"] == "COMPLETED"
     )

@@ -161,6 +161,7 @@ def build_app(state: State) -> ASGIApp:
         return await _job(request, state, _native_job)
 
     async def not_found(request: Request, exc: Exception) -> Response:
+        await drain(request.receive)  # no route read the body
         served = ", ".join(f"{method} {path}" for path, method in ROUTES.items())
         if isinstance(exc, HTTPException) and exc.status_code == 405:
             allowed = ROUTES.get(request.url.path, "")
