@@ -27,6 +27,8 @@ from tests.test_openai_images import (
     FAST,
     PROMPT,
     b64_pixels,
+    check_generations_equal_native,
+    check_masked_edit_keeps_the_opaque_pixels,
     half_mask_native,
     half_mask_rgba,
     payloads,
@@ -78,6 +80,12 @@ def test_generations_are_runsync_s_pixels_in_b64_json_and_url(lb):
     # No bucket: `url` is a data URI of the same bytes.
     assert [entry.url.split(",", 1)[1] for entry in linked.data] == payloads(native["output"])
     assert (linked.model_extra or {})["seed"] == FAST["seed"]
+
+
+def test_the_queue_gateway_s_checks_hold_here_too(lb):
+    # tests/test_openai_images.py's checks, with /runsync here as the native side.
+    check_generations_equal_native(client_of(lb), lambda job_input: runsync(lb, job_input), n=1)
+    check_masked_edit_keeps_the_opaque_pixels(client_of(lb), lambda job_input: runsync(lb, job_input))  # JSON
 
 
 def test_multipart_edits_with_an_alpha_mask_equal_native_inpainting(lb):
