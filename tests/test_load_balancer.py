@@ -231,6 +231,31 @@ def test_a_client_that_leaves_frees_its_place_and_stops_its_job(lb, worker):
     assert ok.status_code == 200
 
 
+def test_a_client_that_leaves_while_waiting_in_line_frees_its_place(lb, worker):
+    answers: list[requests.Response] = []
+    body = json.dumps(TINY).encode()
+    with GpuHold(worker):
+        running = threading.Thread(
+            target=lambda: answers.append(
+                requests.post(f"{lb.url}/v1/images/generations", json=TINY, timeout=120)
+            )
+        )
+        running.start()
+        wait_until(lambda: lb.in_flight == 1, "the first request to run")
+        with socket.create_connection(("127.0.0.1", lb.settings.port)) as sock:
+            sock.sendall(
+                b"POST /runsync HTTP/1.1\r\nHost: x\r\n"
+                + f"Content-Length: {len(body) + 11}\r\n\r\n".encode()
+                + b'{"input": '
+                + body
+                + b"}"
+            )
+            wait_until(lambda: lb.in_flight == 2, "the second to wait in line")
+        wait_until(lambda: lb.in_flight == 1, "its place to free while the first still runs")
+    running.join(timeout=120)
+    assert [answer.status_code for answer in answers] == [200]
+
+
 def test_ping_is_503_after_a_gpu_fault(lb, worker, monkeypatch):
     monkeypatch.setattr(worker.gpu, "faulted", True)
     assert requests.get(f"{lb.url}/ping", timeout=10).status_code == 503

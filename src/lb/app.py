@@ -210,10 +210,16 @@ async def _job(request: Request, state: State, job: Job) -> Response:
             "rate_limit_exceeded",
             headers={"Retry-After": str(RETRY_AFTER_S)},
         )
-    try:
-        body = await read_body(request.receive)
+
+    async def when_its_turn_comes(body: bytes) -> Response:
         async with state.admission.slot():
             return await job(request, images, body)
+
+    try:
+        body = await read_body(request.receive)
+        # A client that leaves while its request waits or runs frees its place at once.
+        answer = await _unless_gone(request, when_its_turn_comes(body))
+        return answer if answer is not None else Response(status_code=499)  # nobody reads it
     except TooLarge:
         message = (
             f"the request body is over {MAX_BODY_TEXT} ({MAX_BODY} bytes), the cap of this endpoint type"
@@ -229,30 +235,27 @@ async def _job(request: Request, state: State, job: Job) -> Response:
         state.admission.leave()
 
 
-def _bad_json(body: bytes) -> str | None:
-    """Why `body` is not JSON, or None."""
+class BadJson(Exception):
+    """A body that is not JSON; the message says where it broke."""
+
+
+def _parsed(body: bytes) -> Any:
     try:
-        json.loads(body)
+        return json.loads(body)
     except ValueError as err:
-        return f"the request body is not valid JSON ({str(err)[:120]}): send a JSON object"
-    return None
+        raise BadJson(f"the request body is not valid JSON ({str(err)[:120]}): send a JSON object") from None
 
 
 async def _openai_job(request: Request, images: OpenAIImages, body: bytes) -> Response:
     route = request.url.path
-    if route == "/v1/images/edits" and is_form(request.headers.get("content-type", "")):
-        try:
-            fields: Any = await form_body(request.headers, body)
-        except BadForm as err:
-            return openai_error(400, str(err), "invalid_request_error")
-    elif (problem := _bad_json(body)) is not None:
-        return openai_error(400, problem, "invalid_request_error")
-    else:
-        fields = json.loads(body)
-    job = {"id": _job_id(), "input": {"openai_route": route, "openai_input": fields}}
-    reply = await _unless_gone(request, images.handle(job))
-    if reply is None:
-        return Response(status_code=499)  # the client left; its job was stopped
+    try:
+        if route == "/v1/images/edits" and is_form(request.headers.get("content-type", "")):
+            fields = await form_body(request.headers, body)
+        else:
+            fields = _parsed(body)
+    except (BadForm, BadJson) as err:
+        return openai_error(400, str(err), "invalid_request_error")
+    reply = await images.handle({"id": _job_id(), "input": {"openai_route": route, "openai_input": fields}})
     if "error" in reply:
         return JSONResponse({"error": reply["error"]}, _failed_status(reply["error"]))
     return JSONResponse(reply)
@@ -260,15 +263,13 @@ async def _openai_job(request: Request, images: OpenAIImages, body: bytes) -> Re
 
 async def _native_job(request: Request, images: OpenAIImages, body: bytes) -> Response:
     job_id = _job_id()
-    problem = _bad_json(body)
-    raw = json.loads(body) if problem is None else None
-    if problem is None and not (isinstance(raw, dict) and "input" in raw):
-        problem = 'input: required: the body must be a JSON object {"input": {...}}'
-    if problem is not None:
-        return JSONResponse({"id": job_id, "status": "FAILED", "error": problem}, 400)
-    output = await _unless_gone(request, images.handle({"id": job_id, "input": raw["input"]}))
-    if output is None:
-        return Response(status_code=499)
+    try:
+        raw = _parsed(body)
+        if not (isinstance(raw, dict) and "input" in raw):
+            raise BadJson('input: required: the body must be a JSON object {"input": {...}}')
+    except BadJson as err:
+        return JSONResponse({"id": job_id, "status": "FAILED", "error": str(err)}, 400)
+    output = await images.handle({"id": job_id, "input": raw["input"]})
     if "error" in output:
         error = output["error"]
         status = _native_status(raw["input"], error)
@@ -297,7 +298,7 @@ def _failed_status(error: str | dict[str, Any]) -> int:
     return 400 if kind == "invalid_request_error" else 500
 
 
-async def _unless_gone(request: Request, work: Awaitable[dict[str, Any]]) -> dict[str, Any] | None:
+async def _unless_gone(request: Request, work: Awaitable[Response]) -> Response | None:
     """`work`'s result, or None when the client disconnects first (the job is then stopped)."""
     job = asyncio.ensure_future(work)
     gone = asyncio.ensure_future(_disconnected(request.receive))
