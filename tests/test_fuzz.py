@@ -4,7 +4,9 @@
 examples: whatever JSON arrives, it returns a `GenerateRequest` or raises a `JobError`
 whose message a caller can act on, and never anything else. The local API gets a bounded
 number of generated bodies: each is answered COMPLETED or FAILED (never a 500 or a hang),
-with exactly the message `parse_request` gives for the same input.
+with exactly the message `parse_request` gives for the same input. The load-balancing server
+(src/lb/) gets the same bodies on /runsync, and generated JSON, bytes and forms on its OpenAI
+routes: each is answered 200 or 400 with the route's error shape, and it keeps serving.
 
 No generated value reaches the network: image strings that look like URLs are only the
 IP-literal samples below, which the shared worker's SSRF protection refuses unopened.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import string
 
@@ -27,6 +30,7 @@ from src.request.parse import parse_request
 from src.request.schema import ACCELERATION_LEVELS, FIELDS, MAX_SEED, GenerateRequest
 from src.runtime.errors import JobError
 from tests.conftest import data_uri_of, png_bytes
+from tests.load_balancer import InProcessLB, wait_until
 from tests.test_bad_input import assert_ssrf_protection_on
 
 MAX_MESSAGE = 2000  # characters: an error is a sentence or a few, never a dump of the input
@@ -272,3 +276,110 @@ def test_the_api_is_still_up_after_fuzzing(api):
     assert api.process.poll() is None
     reply = api.runsync({"prompt": "after fuzzing", **TINY, "output_format": "jpeg"})
     assert reply["status"] == "COMPLETED"
+
+
+# ------------------------------------------------------- the load-balancing server
+LB_ROUTES = ("/v1/images/generations", "/v1/images/edits", "/runsync")
+OPENAI_KEYS = (
+    "prompt",
+    "n",
+    "size",
+    "response_format",
+    "quality",
+    "image",
+    "mask",
+    "seed",
+    "loras",
+    "stream",
+)
+# OpenAI-shaped bodies; the overlay keeps the valid ones tiny, so they run real jobs quickly.
+openai_bodies = st.tuples(
+    st.dictionaries(
+        st.sampled_from(OPENAI_KEYS) | unknown_keys, near_rules["prompt"] | json_values, max_size=5
+    ),
+    st.booleans(),
+).map(lambda pair: {**pair[0], "size": "256x256", "num_inference_steps": 1, "n": 1} if pair[1] else pair[0])
+form_fields = st.dictionaries(
+    st.sampled_from(OPENAI_KEYS) | unknown_keys,
+    st.text(max_size=20) | st.sampled_from(["true", "2", "1.5", "[]", '[{"path": "a.safetensors"}]']),
+    max_size=5,
+)
+
+
+@pytest.fixture(scope="module")
+def lb(worker):
+    # Generated image URLs are private IP literals: the in-process worker must refuse them unopened.
+    assert os.environ.get("RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS") is None
+    server = InProcessLB(lambda: worker, max_concurrency=2)
+    wait_until(lambda: requests.get(f"{server.url}/ping", timeout=5).status_code == 200, "ready")
+    yield server
+    assert server.close() == 0
+
+
+def _error_message(path: str, response: requests.Response) -> str:
+    """The message of a refusal, in the route's shape: FAILED on /runsync, OpenAI's error elsewhere."""
+    reply = response.json()
+    if path == "/runsync":
+        assert reply["status"] == "FAILED" and set(reply) == {"id", "status", "error"}, reply
+        return reply["error"]
+    assert set(reply["error"]) == {"message", "type", "param", "code"}, reply
+    assert reply["error"]["type"] == "invalid_request_error", reply
+    return reply["error"]["message"]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(near_valid | requests_like)
+def test_lb_runsync_answers_every_generated_body_as_the_model_does(lb, raw):
+    job_input, expected_error = _tiny_if_valid(raw)
+    response = requests.post(f"{lb.url}/runsync", data=json.dumps({"input": job_input}), timeout=60)
+    reply = response.json()
+    if expected_error is not None:
+        assert response.status_code == 400 and reply == {
+            "id": reply["id"],
+            "status": "FAILED",
+            "error": expected_error,
+        }
+    else:  # a valid request fails only on something it names (see the local API's test above)
+        assert response.status_code == (200 if reply["status"] == "COMPLETED" else 400), reply
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    st.sampled_from(LB_ROUTES),
+    openai_bodies.map(json.dumps).map(str.encode) | st.binary(max_size=200),
+    st.sampled_from(
+        ["application/json", "text/plain", "multipart/form-data", "multipart/form-data; boundary=b"]
+    ),
+)
+def test_lb_answers_any_body_on_any_route(lb, path, body, content_type):
+    response = requests.post(f"{lb.url}{path}", data=body, headers={"Content-Type": content_type}, timeout=60)
+    assert response.status_code in (200, 400), (response.status_code, response.text[:300])
+    if response.status_code == 400:
+        assert_actionable_length(_error_message(path, response))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    form_fields, st.sampled_from([None, "image", "image[]", "mask", "control_image"]), st.binary(max_size=64)
+)
+def test_lb_answers_any_multipart_edit(lb, fields, file_field, junk):
+    files = {"image": ("in.png", png_bytes((32, 32)), "image/png")}
+    if file_field is not None:
+        files[file_field] = ("x.bin", junk or png_bytes((16, 16)), "application/octet-stream")
+    data = {"prompt": "a", "size": "256x256", "num_inference_steps": "1", **fields}
+    response = requests.post(f"{lb.url}/v1/images/edits", data=data, files=files, timeout=60)
+    assert response.status_code in (200, 400), (response.status_code, response.text[:300])
+    if response.status_code == 400:
+        assert_actionable_length(_error_message("/v1/images/edits", response))
+
+
+def assert_actionable_length(message: str) -> None:
+    # The OpenAI adapter lists the allowed fields in each unknown-field clause (five at most), so
+    # its messages run to about 3000 characters: bounded, if longer than the native ones.
+    assert message and len(message) <= 2 * MAX_MESSAGE and "\n" not in message, message[:300]
+
+
+def test_the_lb_server_is_still_up_after_fuzzing(lb):
+    response = requests.post(f"{lb.url}/runsync", json={"input": {"prompt": "after", **TINY}}, timeout=120)
+    assert response.status_code == 200 and response.json()["status"] == "COMPLETED"
+    assert lb.in_flight == 0

@@ -24,6 +24,7 @@ from builder.download_weights import repo_folder
 from src.inputs.pictures import load_inputs
 from src.model.files import SearchRoots, missing_pipeline_files
 from src.model.modes import MODES, mode_of
+from src.openai_images.bodies import native_input
 from src.request.parse import parse_request
 from src.runtime.settings import Settings
 from tests import test_builder
@@ -489,7 +490,11 @@ def test_the_deploy_guides_first_call_is_a_valid_request():
     (body,) = re.findall(r"-d '(\{.*?\})'", DEPLOY)
     parse_request(json.loads(body)["input"])
     for other in re.findall(r"-d '(\{.*?\})'", DOCS):  # the other curl examples too
-        parse_request(json.loads(other)["input"])
+        body = json.loads(other)
+        if "input" in body:
+            parse_request(body["input"])
+        else:  # an OpenAI body, sent straight to a load-balancing worker
+            parse_request(native_input("/v1/images/generations", body)[0])
 
 
 def test_the_weights_step_bakes_the_expanders_differing_files_beside_turbo(tiny_model, never_flags, tmp_path):

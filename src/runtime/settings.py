@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 # GPU gains nothing (it runs one job at a time) and a job waits longer behind the others.
 MAX_CONCURRENCY = 8
 PRECISIONS = ("bf16", "fp8")
+ENDPOINT_TYPES = ("queue", "lb")
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,14 @@ class Settings:
     lora_max_mb: int = 1024
     # Adapters kept loaded in the transformer between jobs; the least recently used are unloaded.
     lora_max_loaded: int = 6
+    # "queue": Runpod's job queue (the SDK's job loop); "lb": a load-balancing endpoint, where the
+    # worker is the HTTP server (src/lb/).
+    endpoint_type: str = "queue"
+    # With "lb": the server's port, and the port of its /ping (from_env: PORT unless set).
+    port: int = 80
+    port_health: int = 80
+    # With "lb": the bearer key every route but /ping requires; None: none (Runpod's gateway checks).
+    worker_api_key: str | None = None
 
     @property
     def lora_cache_path(self) -> Path:
@@ -214,6 +223,10 @@ class Settings:
             lora_cache_gb=_number(env, "LORA_CACHE_GB", cls.lora_cache_gb, 0.0, 100_000.0),
             lora_max_mb=_integer(env, "LORA_MAX_MB", cls.lora_max_mb, 1, 8192),
             lora_max_loaded=_integer(env, "LORA_MAX_LOADED", cls.lora_max_loaded, 1, 64),
+            endpoint_type=_choice(env, "ENDPOINT_TYPE", cls.endpoint_type, ENDPOINT_TYPES),
+            port=(port := _integer(env, "PORT", cls.port, 1, 65535)),
+            port_health=_integer(env, "PORT_HEALTH", port, 1, 65535),
+            worker_api_key=text("WORKER_API_KEY", None),
         )
 
 
@@ -241,6 +254,15 @@ def _precision(env: Mapping[str, str]) -> str:
     return precision
 
 
+def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = env.get(name, "").strip().lower() or default
+    if value not in allowed:
+        raise SettingsError(
+            f"{name}: {value[:40]!r} is not allowed: use {' or '.join(repr(a) for a in allowed)}"
+        )
+    return value
+
+
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     raw = env.get(name, "").strip()
     if not raw:
@@ -256,7 +278,7 @@ def _integer(env: Mapping[str, str], name: str, default: int, low: int, high: in
     raw = env.get(name, "").strip()
     if not raw:
         return default
-    if not re.fullmatch(r"[0-9]{1,4}", raw, flags=re.ASCII) or not low <= int(raw) <= high:
+    if not re.fullmatch(r"[0-9]{1,5}", raw, flags=re.ASCII) or not low <= int(raw) <= high:
         raise SettingsError(f"{name}: {raw!r} is not allowed: it must be a whole number from {low} to {high}")
     return int(raw)
 
