@@ -23,6 +23,8 @@ from src.openai_images.routes import OpenAIImages
 from src.request.parse import parse_request
 from src.runtime.errors import JobError
 from tests.conftest import data_uri_of, decode_data_uri, handle_job
+from tests.test_two_models import base_model  # noqa: F401
+from tests.test_two_models_modes import lora_both, lora_dir  # noqa: F401
 
 RNG = np.random.default_rng(37)
 SOURCE = RNG.integers(0, 256, (256, 192, 3), dtype=np.uint8)  # 192 wide, 256 high
@@ -250,3 +252,16 @@ def test_without_outpaint_nothing_changes():
 def test_outpaint_keeps_an_explicit_auto_and_strength():
     request = parse_request({**JOB, "outpaint": MARGINS, "size": "auto", "strength": 0.4})
     assert (request.size, request.strength) == ("auto", 0.4)
+
+
+# ------------------------------------------------------------------- both models, LoRAs
+@pytest.mark.parametrize("model", ["z-image-turbo", "z-image"])
+def test_both_models_with_a_lora(lora_both, model):  # noqa: F811
+    lora = [{"path": "base-style.safetensors", "scale": 1.0}]
+    plain = run(lora_both, model=model)
+    styled = run(lora_both, model=model, loras=lora)
+    assert styled["model"] == model and styled["cost"] == plain["cost"] == {"z-image": 0.01}.get(model, 0.005)
+    assert styled["timings"]["load_loras"] > 0
+    ours, without = pixels(styled["image_url"]), pixels(plain["image_url"])
+    assert np.array_equal(ours[:, 64:256], SOURCE) and np.array_equal(without[:, 64:256], SOURCE)
+    assert np.abs(ours - without).max() > 20  # the LoRA did change the margins
