@@ -13,7 +13,8 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from src.lora.files import shown_path
-from src.request.schema import FIELDS, GenerateRequest, LoraSpec, Outpaint
+from src.request.outpaint import Outpaint
+from src.request.schema import FIELDS, GenerateRequest, LoraSpec
 from src.runtime.errors import JobError
 
 MAX_PROBLEMS = 5

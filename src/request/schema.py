@@ -20,6 +20,7 @@ from pydantic import (
 
 from src.lora.files import LORA_PATH_RULE, MAX_LORAS, check_lora_path, shown_path
 from src.request.models import DEFAULT_MODEL, MAX_STEPS, MODELS
+from src.request.outpaint import OUTPAINT_DEFAULTS, Outpaint
 from src.request.sizes import AUTO, AUTO_SOURCES, SIZE_RULE, auto_size, parse_size
 from src.request.sizes import MAX_SIDE as MAX_SIDE
 from src.request.sizes import MIN_SIDE as MIN_SIDE
@@ -31,9 +32,6 @@ MAX_SEED = 2**32 - 1
 # The `acceleration` levels: none is the plain pipeline; the others reuse work between steps.
 ACCELERATION_LEVELS = ("none", "regular", "high")
 FORMAT_ALIASES = {"jpg": "jpeg"}
-# What `outpaint` changes of the defaults (with `image`): the canvas's size, and margins made from
-# scratch (below 1 they start from the input's edge pixels stretched outward).
-OUTPAINT_DEFAULTS = {"size": AUTO, "strength": 1.0}
 # A body with a thousand bad keys is answered in a few clauses, not a thousand.
 
 
@@ -59,42 +57,6 @@ class LoraSpec(BaseModel):
     @classmethod
     def _path_allowed(cls, path: str) -> str:
         return check_lora_path(path)
-
-
-MAX_MARGIN, MAX_FEATHER = 2048, 256
-MARGIN_RULE = (
-    f"an integer from 0 to {MAX_MARGIN}: pixels of new canvas on that side, in the input's own pixels"
-)
-
-
-class Outpaint(BaseModel):
-    """`outpaint` (API.md, "Outpainting"): new canvas around `image`; src/inputs/canvas.py builds it."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-    left: int = Field(default=0, ge=0, le=MAX_MARGIN, description=MARGIN_RULE)
-    right: int = Field(default=0, ge=0, le=MAX_MARGIN, description=MARGIN_RULE)
-    top: int = Field(default=0, ge=0, le=MAX_MARGIN, description=MARGIN_RULE)
-    bottom: int = Field(default=0, ge=0, le=MAX_MARGIN, description=MARGIN_RULE)
-    feather: int = Field(
-        default=0,
-        ge=0,
-        le=MAX_FEATHER,
-        description=f"an integer from 0 to {MAX_FEATHER}: how deep into the input the seam blends",
-    )
-
-    @model_validator(mode="after")
-    def _some_margin(self) -> Outpaint:
-        if not any((self.left, self.right, self.top, self.bottom)):
-            raise ValueError(
-                "outpaint: no side has a margin: give at least one of left, right, top, bottom "
-                f"an integer from 1 to {MAX_MARGIN}, or leave 'outpaint' out"
-            )
-        return self
-
-    def canvas(self, width: int, height: int) -> tuple[int, int]:
-        """The size of a `width` x `height` input with the margins added."""
-        return width + self.left + self.right, height + self.top + self.bottom
 
 
 class GenerateRequest(BaseModel):
