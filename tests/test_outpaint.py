@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,12 +17,14 @@ import torch
 from diffusers import ZImageInpaintPipeline
 from PIL import Image
 
+from builder.tiny_model import build_tiny_expander
 from src.inputs.canvas import outpainted
 from src.jobs.worker import Worker
 from src.model.modes import mode_of
 from src.openai_images.routes import OpenAIImages
 from src.request.parse import parse_request
 from src.runtime.errors import JobError
+from src.runtime.settings import Settings
 from tests.conftest import data_uri_of, decode_data_uri, handle_job
 from tests.test_two_models import base_model  # noqa: F401
 from tests.test_two_models_modes import lora_both, lora_dir  # noqa: F401
@@ -265,3 +268,24 @@ def test_both_models_with_a_lora(lora_both, model):  # noqa: F811
     ours, without = pixels(styled["image_url"]), pixels(plain["image_url"])
     assert np.array_equal(ours[:, 64:256], SOURCE) and np.array_equal(without[:, 64:256], SOURCE)
     assert np.abs(ours - without).max() > 20  # the LoRA did change the margins
+
+
+# ------------------------------------------------------------------- acceleration, expansion, safety
+@pytest.fixture(scope="module")
+def checked_and_expanding(tiny_model: Path, never_flags: Path, tmp_path_factory) -> Worker:
+    """The tiny model with a safety checker that runs (and flags nothing) and a prompt expander."""
+    expander = build_tiny_expander(tiny_model, tmp_path_factory.mktemp("expander") / "tiny-qwen3")
+    settings = Settings(
+        model=str(tiny_model), safety_checker_model=str(never_flags), prompt_expander_model=str(expander)
+    )
+    return Worker.start(settings)
+
+
+def test_with_acceleration_prompt_expansion_and_the_safety_checker(checked_and_expanding):
+    fields = {"acceleration": "high", "enable_prompt_expansion": True, "num_inference_steps": 4}
+    output = run(checked_and_expanding, **fields)
+    assert output["acceleration"] == "high" and output["expanded_prompt"]
+    assert output["has_nsfw_concepts"] == [False] and output["timings"]["safety"] > 0
+    assert np.array_equal(pixels(output["image_url"])[:, 64:256], SOURCE)
+    plain = run(checked_and_expanding, num_inference_steps=4)
+    assert plain["image_url"] != output["image_url"]
