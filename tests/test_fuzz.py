@@ -120,6 +120,27 @@ near_rules = {
     "model": st.sampled_from(["z-image-turbo", "z-image", "Z-Image", "", "flux", None, 1, ["z-image"]]),
     "acceleration": st.sampled_from(["none", "regular", "high", "HIGH", "fast", "", None, 2, ["high"]]),
     "enable_prompt_expansion": st.sampled_from([True, False, "true", "false", 0, 1, None]),
+    # Valid ones stay small: the canvas of the 32x32 sample image is scaled up to 256 a side.
+    "outpaint": st.sampled_from(
+        [
+            {"left": 16},
+            {"top": 8, "bottom": 8, "feather": 4},
+            {"left": 16, "right": 16, "top": 16, "bottom": 16, "feather": 256},
+            {},
+            {"left": 0},
+            {"left": -1},
+            {"left": 1.5},
+            {"left": 16.0},
+            {"left": True},
+            {"top": "16"},
+            {"right": 2049},
+            {"left": 16, "feather": 257},
+            {"left": 16, "Left": 16},
+            None,
+            "left",
+            [16],
+        ]
+    ),
 }
 field_values = st.sampled_from(list(FIELDS)).flatmap(
     lambda name: st.tuples(st.just(name), near_rules[name] | json_values)
@@ -147,14 +168,17 @@ def assert_actionable(message: str, raw: object) -> None:
     names = {"input", *FIELDS, *keys, *(repr(k[:40]) + ("..." if len(k) > 40 else "") for k in keys)}
     # An entry of `loras` is named by its index (and key): `loras[0].path: ...`.
     lora_entry = re.match(r"loras\[\d+\](\.\w+)?: ", message) is not None
+    # A key of `outpaint` is named inside it: `outpaint.left: ...`.
+    lora_entry |= re.match(r"outpaint\.\S+: ", message) is not None
     assert lora_entry or any(message.startswith(f"{name}:") for name in names), message[:200]
 
 
 def assert_sound(request: GenerateRequest) -> None:
     """Every accepted request is within the contract, with real types (no silent coercion)."""
     assert type(request.prompt) is str and request.prompt.strip() and len(request.prompt) <= 4000
-    assert request.width % 16 == 0 and request.height % 16 == 0
-    assert 256 <= request.width <= 2048 and 256 <= request.height <= 2048
+    if request.size != "auto":  # resolved when the picture is open
+        assert request.width % 16 == 0 and request.height % 16 == 0
+        assert 256 <= request.width <= 2048 and 256 <= request.height <= 2048
     assert type(request.seed) is int and -1 <= request.seed <= MAX_SEED
     assert type(request.num_images) is int and 1 <= request.num_images <= 4
     assert request.model in MODELS
@@ -224,6 +248,8 @@ def _tiny_if_valid(raw: object) -> tuple[object, str | None]:
         return raw, str(err)
     assert isinstance(raw, dict)
     tiny = {**raw, **TINY}  # still valid: only the cost changes
+    if raw.get("outpaint") is not None:
+        del tiny["size"]  # outpainting takes the canvas's size (`auto`), and no other
     parse_request(tiny)
     return tiny, None
 
@@ -268,7 +294,10 @@ def test_local_api_answers_every_generated_body(api, raw):
         assert_actionable(reply["error"], job_input)
     else:
         output = reply["output"]
-        assert (output["width"], output["height"]) == (256, 256)
+        request = parse_request(job_input)
+        if request.size == "auto":  # of the one valid sample picture, 32x32 (or its canvas)
+            request = request.with_auto_size((32, 32))
+        assert (output["width"], output["height"]) == (request.width, request.height)
         assert output["output_format"] == parse_request(job_input).output_format
 
 
