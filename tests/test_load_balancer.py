@@ -116,6 +116,23 @@ def test_multipart_edits_with_an_alpha_mask_equal_native_inpainting(lb):
     assert [reply.data[0].b64_json] == payloads(native["output"])
 
 
+def test_multipart_edits_outpaint_as_the_native_request_does(lb):
+    # The SDK sends extra_body's fields as form text: `outpaint` as JSON, as `loras`.
+    source = picture((256, 256))
+    reply = client_of(lb).images.edit(
+        image=("in.png", png(source), "image/png"),
+        prompt=PROMPT,
+        response_format="b64_json",
+        extra_body={**FAST, "outpaint": {"left": 64, "right": 64}},
+    )
+    native = runsync(
+        lb, {"prompt": PROMPT, "image": png_uri(source), "outpaint": {"left": 64, "right": 64}, **FAST}
+    )
+    assert native["output"]["width"] == 384 and native["output"]["height"] == 256
+    assert [reply.data[0].b64_json] == payloads(native["output"])
+    assert np.array_equal(b64_pixels(reply.data[0].b64_json)[:, 64:320], np.asarray(source))  # kept
+
+
 def test_form_fields_are_typed_and_wrong_ones_named(lb):
     files = {"image[]": ("in.png", png(picture((64, 64))), "image/png")}
     fields = {
@@ -324,3 +341,24 @@ def test_a_stop_answers_the_requests_in_flight_and_refuses_new_ones(worker):
         assert [answer.status_code for answer in answers] == [200]
     finally:
         assert server.close() == 0
+
+
+def test_the_sdks_bracketed_objects_read_as_the_json_body_they_stand_for():
+    import asyncio
+
+    from openai._qs import Querystring
+    from starlette.datastructures import Headers
+    from urllib3 import encode_multipart_formdata
+
+    from src.lb.forms import form_body
+
+    fields = {
+        "prompt": "a",
+        "outpaint": {"left": 64, "feather": 8},
+        "loras": [{"path": "a.safetensors", "scale": 0.5}, {"path": "b.safetensors"}],
+        "enable_safety_checker": False,
+    }
+    items = Querystring().stringify_items(fields, array_format="brackets")  # as the SDK sends them
+    body, content_type = encode_multipart_formdata([*items, ("image", ("in.png", b"\x89PNG"))])
+    parsed = asyncio.run(form_body(Headers({"content-type": content_type}), body))
+    assert parsed == {**fields, "image": "iVBORw=="}

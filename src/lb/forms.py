@@ -3,8 +3,8 @@
 Files become bare base64 (`image` or `image[]`, `mask`, any other picture field) and go to the
 one picture loader as a JSON body's would; nothing is written to disk. Text fields take the type
 their field declares (src/openai_images/bodies.py, src/request/schema.py): digits are numbers,
-`true`/`false` booleans, `loras` JSON; anything else stays text, so the adapter's and the native
-request's own checks judge every value and name the field, as they do for JSON bodies.
+`true`/`false` booleans, `loras` and `outpaint` JSON; anything else stays text, so the adapter's
+and the native request's own checks judge every value and name the field, as for JSON bodies.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
+from pydantic import BaseModel
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
@@ -25,6 +26,7 @@ from src.openai_images.bodies import EditFields
 from src.request.schema import FIELDS
 
 MAX_PARTS = 100  # a body with more parts than every field twice over is refused by the parser
+NESTED = re.compile(r"(\w{1,64})(\[\])?\[(\w{1,64})\]", re.ASCII)  # outpaint[left], loras[][path]
 INTEGER = re.compile(r"[+-]?[0-9]{1,30}", re.ASCII)
 NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?", re.ASCII)
 
@@ -52,19 +54,43 @@ async def form_body(headers: Headers, body: bytes) -> dict[str, Any]:
     except (MultiPartException, ValueError) as err:
         raise BadForm(f"the multipart/form-data body cannot be read: {err}") from None
     values: dict[str, list[Any]] = {}
+    nested: dict[str, Any] = {}
     for key, value in form.multi_items():
         name = key.removesuffix("[]")  # `image[]`: the SDKs' name for a list of files
         if isinstance(value, UploadFile):
             values.setdefault(name, []).append(base64.b64encode(await value.read()).decode("ascii"))
             await value.close()
+        elif (part := NESTED.fullmatch(key)) is not None:
+            _nest(nested, *part.groups(), value)
         else:
             values.setdefault(name, []).append(typed(name, value))
-    return {name: found[0] if len(found) == 1 else found for name, found in values.items()}
+    flat = {name: found[0] if len(found) == 1 else found for name, found in values.items()}
+    return {**nested, **flat}  # a field sent both ways: the plain one, which its check judges
 
 
-def typed(name: str, text: str) -> Any:
+def _nest(nested: dict[str, Any], name: str, listed: str | None, key: str, text: str) -> None:
+    """The openai SDKs' form encoding of objects: `outpaint[left]=64` is `{"left": 64}`, and
+    `loras[][path]=a&loras[][scale]=1&loras[][path]=b` a list whose entry ends when a key repeats."""
+    value = typed(key, text, _object_fields(name))
+    if not listed:
+        target = nested.setdefault(name, {})
+        if isinstance(target, dict):
+            target[key] = value
+        return
+    entries = nested.setdefault(name, [])
+    if isinstance(entries, list):
+        if not entries or key in entries[-1]:
+            entries.append({})
+        entries[-1][key] = value
+
+
+def typed(name: str, text: str, fields: dict[str, Any] | None = None) -> Any:
     """A form field's text as its declared type, when it reads as one; else the text itself."""
-    declared = EditFields.model_fields.get(name) or FIELDS.get(name)
+    declared = (
+        (fields or {}).get(name)
+        if fields is not None
+        else EditFields.model_fields.get(name) or FIELDS.get(name)
+    )
     kinds = _kinds(declared.annotation) if declared is not None else {str}
     if bool in kinds and text in ("true", "false"):
         return text == "true"
@@ -80,6 +106,18 @@ def typed(name: str, text: str) -> Any:
     return text
 
 
+def _object_fields(name: str) -> dict[str, Any]:
+    """The fields of the object (or list of objects) that the request field `name` declares."""
+    declared = FIELDS.get(name)
+    stack = [declared.annotation] if declared is not None else []
+    while stack:
+        annotation = stack.pop()
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return annotation.model_fields
+        stack.extend(get_args(annotation))
+    return {}
+
+
 def _kinds(annotation: Any) -> set[Any]:
     """The plain types an annotation admits: `int | None` -> {int, NoneType}, `list[X]` -> {list}."""
     origin = get_origin(annotation)
@@ -89,4 +127,6 @@ def _kinds(annotation: Any) -> set[Any]:
         return _kinds(get_args(annotation)[0])
     if origin in (Union, UnionType):
         return set().union(*(_kinds(arg) for arg in get_args(annotation)))
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return {dict}  # an object field (`outpaint`): JSON text, as `loras`
     return {origin or annotation}
