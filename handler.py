@@ -3,11 +3,14 @@
     python handler.py                                   # runs test_input.json once
     python handler.py --test_input '{"input": {...}}'   # runs one job and exits
     python handler.py --rp_serve_api --rp_api_port 8000 # local /runsync, /run, /status
+    ENDPOINT_TYPE=lb PORT=8000 python handler.py        # a load-balancing endpoint's HTTP server
 
 Deployed, this file is the container's command: the weights load once, before the
 first job is taken, then the Runpod SDK's job loop (src/jobs/job_loop.py) keeps up to
 MAX_CONCURRENCY jobs in flight. A job whose input carries `openai_route` speaks OpenAI's Images
-API (src/openai_images/). The work lives in src/ (see docs/architecture.md).
+API (src/openai_images/). With ENDPOINT_TYPE=lb the same worker is instead an HTTP server that
+clients reach directly (src/lb/, docs/load-balancing.md). The work lives in src/ (see
+docs/architecture.md).
 """
 
 import gc
@@ -51,6 +54,9 @@ def main() -> None:
         settings = Settings.from_env(os.environ)
         add_secret(settings.bucket_access_key_id)
         add_secret(settings.bucket_secret_access_key)
+        add_secret(settings.worker_api_key)
+        if settings.endpoint_type == "lb":
+            serve_load_balanced(settings)  # listens first, loads meanwhile; does not return
         worker = Worker.start(settings)
         gc.freeze()  # and the model's objects too
     except (SettingsError, ModelNotFound, SafetyModelError) as err:
@@ -64,6 +70,14 @@ def main() -> None:
         stop_taking_jobs=lambda: worker.gpu.faulted,
         delivery=worker.delivery,
     )
+
+
+def serve_load_balanced(settings: Settings) -> None:
+    """ENDPOINT_TYPE=lb: the HTTP server. Imported only here: the queue worker's cold start skips
+    uvicorn and Starlette (tests/test_cold_start.py)."""
+    from src.lb.server import serve_http
+
+    sys.exit(serve_http(settings, lambda: Worker.start(settings), (ModelNotFound, SafetyModelError)))
 
 
 if __name__ == "__main__":

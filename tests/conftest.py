@@ -10,6 +10,7 @@ import asyncio
 import base64
 import io
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -91,9 +92,13 @@ class Route:
         headers: dict | None = None,
         delay: float = 0.0,
         length: bool = True,
+        gate: threading.Event | None = None,
     ):
         self.body, self.status, self.headers, self.delay = body, status, headers or {}, delay
         self.length = length  # False: no Content-Length, the body runs until the connection closes
+        # Set: a byte a second (never silent long enough for a read timeout) until the test
+        # opens the gate, then the rest, so a test decides when the download ends.
+        self.gate = gate
 
 
 class ImageServer:
@@ -117,7 +122,14 @@ class ImageServer:
                 if route.length and "Content-Length" not in route.headers:
                     self.send_header("Content-Length", str(len(route.body)))
                 self.end_headers()
-                if route.delay:
+                if route.gate is not None:
+                    sent = 0
+                    while not route.gate.wait(timeout=1.0) and sent < len(route.body) - 1:
+                        self.wfile.write(route.body[sent : sent + 1])
+                        self.wfile.flush()
+                        sent += 1
+                    self.wfile.write(route.body[sent:])
+                elif route.delay:
                     # Trickle the body so a slow host is slow for the whole download.
                     for i in range(0, len(route.body), 1024):
                         time.sleep(route.delay)
@@ -250,6 +262,17 @@ class LocalAPI:
     def log(self) -> str:
         self.log_file.flush()
         return self.log_path.read_text(errors="replace")
+
+    def settled_log(self, seconds: float = 30) -> str:
+        """The log once every earlier job's lines are in it: a marker job (refused, naming its
+        unknown field) is sent last, and the log is read when its line has been written."""
+        marker = f"log_marker_{secrets.token_hex(6)}"
+        assert self.runsync({"prompt": "marker", marker: 1})["status"] == "FAILED"
+        deadline = time.monotonic() + seconds
+        while marker not in (log := self.log()):
+            assert time.monotonic() < deadline, f"the marker job's line never came:\n{log[-3000:]}"
+            time.sleep(0.05)
+        return log
 
     def close(self) -> None:
         end_process(self.process)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -230,7 +231,9 @@ class JobQueue:
                     stops = queue._wait_for_stops()
                     return self._answer(200, {"jobsToStop": stops}) if stops else self._answer(204)
                 if "/ping/" in path:
-                    queue.pings += 1
+                    with queue.lock:
+                        queue.pings += 1
+                        queue.lock.notify_all()
                     return self._answer(200, {})
                 self._answer(404)
 
@@ -292,19 +295,19 @@ class JobQueue:
 
     def wait_for(self, job_ids: list[str], seconds: float) -> bool:
         """True once every one of `job_ids` has a result; False after `seconds`."""
-        deadline = time.monotonic() + seconds
-        with self.lock:
-            while not all(job_id in self.results for job_id in job_ids):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self.lock.wait(timeout=left)
-        return True
+        return self._wait_until(lambda: all(job_id in self.results for job_id in job_ids), seconds)
 
     def wait_for_progress(self, job_id: str, seconds: float) -> bool:
+        return self._wait_until(lambda: bool(self.progress.get(job_id)), seconds)
+
+    def wait_for_pings(self, count: int, seconds: float) -> bool:
+        """True once the worker's heartbeat has reached this queue `count` times."""
+        return self._wait_until(lambda: self.pings >= count, seconds)
+
+    def _wait_until(self, done: Callable[[], bool], seconds: float) -> bool:
         deadline = time.monotonic() + seconds
         with self.lock:
-            while not self.progress.get(job_id):
+            while not done():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -352,3 +355,13 @@ def deployed_worker(env: dict[str, str], log_path: Path, script: str = "handler.
         stdout=open(log_path, "wb"),  # noqa: SIM115 - the child holds it; closed when it exits
         stderr=subprocess.STDOUT,
     )
+
+
+def wait_for_line(log_path: Path, text: str, seconds: float) -> bool:
+    """True once the worker's log holds `text`; False after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while text not in log_path.read_text(errors="replace"):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

@@ -85,6 +85,16 @@ def img(**fields: object) -> dict:
     return {"prompt": "make it blue", "size": "256*256", "num_inference_steps": 1, **fields}
 
 
+def wider(**outpaint: object) -> dict:
+    """An outpainting request with the given `outpaint` (its size is the canvas's: no `size`)."""
+    return {
+        "prompt": "make it wider",
+        "image": data_uri_of(PNG),
+        "num_inference_steps": 1,
+        "outpaint": outpaint,
+    }
+
+
 # (case id, the job's input, the field its error must start with)
 BATTERY: list[tuple[str, object, str]] = [
     # prompt: missing, empty, wrong types, too long
@@ -168,6 +178,17 @@ BATTERY: list[tuple[str, object, str]] = [
     ("unknown-steps", {"prompt": "a", "steps": 4}, "steps"),
     ("unknown-proto", {"prompt": "a", "__proto__": {"admin": True}}, "__proto__"),
     ("unknown-10000-keys", {"prompt": "a", **{f"k{i}": i for i in range(10_000)}}, "k0"),
+    # outpaint: its keys and values named inside it, and the fields it cannot go with
+    ("outpaint-no-image", {"prompt": "a", "outpaint": {"left": 64}}, "outpaint"),
+    ("outpaint-negative", wider(left=-64), "outpaint.left"),
+    ("outpaint-float", wider(top=64.0), "outpaint.top"),
+    ("outpaint-huge", wider(right=10**12), "outpaint.right"),
+    ("outpaint-feather-over", wider(left=64, feather=257), "outpaint.feather"),
+    ("outpaint-10000-keys", wider(**{f"k{i}": i for i in range(10_000)}), "outpaint.k0"),
+    ("outpaint-no-margin", wider(feather=8), "outpaint"),
+    ("outpaint-with-mask", {**wider(left=64), "mask": data_uri_of(PNG)}, "outpaint"),
+    ("outpaint-with-size", {**wider(left=64), "size": "1024*1024"}, "size"),
+    ("outpaint-broken-image", {**wider(left=64), "image": "!!!not base64!!!"}, "image"),
     # image: wrong types and other schemes (refused before anything is opened)
     ("image-empty", {"prompt": "a", "image": ""}, "image"),
     ("image-number", {"prompt": "a", "image": 123}, "image"),
@@ -302,8 +323,7 @@ def test_the_worker_survives_the_battery(api, battery_log_start):
     reply, elapsed = runsync(api, GOOD)
     assert reply["status"] == "COMPLETED", reply
     assert decode_data_uri(reply["output"]["image_url"]).size == (256, 256)
-    time.sleep(0.5)  # let the worker flush its last lines
-    log = api.log()[battery_log_start:]
+    log = api.settled_log()[battery_log_start:]
     assert "Traceback" not in log and "unexpected error" not in log, log[-3000:]
     # The 5 MB prompt and the 50 MB strings are never echoed into the log.
     assert "a" * 5000 not in log and "A" * 5000 not in log

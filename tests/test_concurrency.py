@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from src.jobs.worker import Worker
-from src.runtime.gpu import GpuStage, is_cuda_fault
+from src.runtime.gpu import GpuStage, Stop, is_cuda_fault
 from tests.conftest import data_uri_of, handle_job, png_bytes
 
 SMALL = {"size": "256*256", "num_inference_steps": 2}
@@ -107,48 +107,90 @@ def test_an_out_of_memory_job_fails_alone_and_the_job_beside_it_is_unharmed(work
     assert fine["image_url"] == reference["image_url"]
 
 
-async def _stop_after_first_step(worker: Worker, steps: list[int], fields: dict) -> float:
+async def _stop_after_first_step(
+    worker: Worker, steps: list[int], fields: dict, stop_set: threading.Event
+) -> None:
+    first = threading.Event()
+
     def on_step(done: int, total: int) -> None:
         steps.append(done)
+        if done == 1:  # hold the GPU thread here until the stop has reached the job
+            first.set()
+            assert stop_set.wait(timeout=60), "the stop never reached the job"
 
     task = asyncio.create_task(worker.run("long", fields, on_step))
-    while not steps:
-        await asyncio.sleep(0.005)
+    assert await asyncio.to_thread(first.wait, 60), "the job never reached its first step"
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    return time.monotonic()
 
 
-def test_a_stopped_job_ends_at_the_next_step_and_the_next_job_gets_the_gpu(worker):
+def test_a_stopped_job_ends_at_the_next_step_and_the_next_job_gets_the_gpu(worker, monkeypatch):
+    stop_set = threading.Event()
+    set_stop = Stop.set
+
+    def noting(stop: Stop) -> None:
+        set_stop(stop)
+        stop_set.set()
+
+    monkeypatch.setattr(Stop, "set", noting)
     steps: list[int] = []
     long_job = {"prompt": "a long one", "size": "512*512", "num_inference_steps": 50, "seed": 1}
-    stopped_at = asyncio.run(_stop_after_first_step(worker, steps, long_job))
-    seen = len(steps)
-    assert seen < 5  # at most a step or two ran after the stop
+    asyncio.run(_stop_after_first_step(worker, steps, long_job, stop_set))
+    # Stopped after step 1: step 2's pass finishes, then the check before its callback ends the job.
+    assert steps == [1]
     after = handle_job(worker, {"id": "next", "input": inputs(5)})
     assert "image_url" in after
-    assert len(steps) == seen  # the stopped job never ran on after its task ended
-    assert time.monotonic() - stopped_at < 10
+    assert steps == [1]  # the stopped job never ran on after its task ended
 
 
-async def _cancel_the_waiting_one(worker: Worker) -> tuple[dict, list[int]]:
+async def _cancel_the_waiting_one(worker: Worker, monkeypatch: pytest.MonkeyPatch) -> tuple[dict, list[int]]:
+    # The first job holds the GPU thread at its first step until the second is queued behind it
+    # and cancelled: the order is set by events, whatever the machine's speed.
+    holding, release = threading.Event(), threading.Event()
+
+    def hold(done: int, total: int) -> None:
+        if done == 1:
+            holding.set()
+            assert release.wait(timeout=60), "the test never released the GPU thread"
+
+    queued = asyncio.Event()
+    submit = worker.gpu.run
+
+    async def run_after_noting(work, stop):  # the same stage and thread, with a note
+        queued.set()  # `submit` queues the work before its first await, so it is queued once we resume
+        return await submit(work, stop)
+
+    monkeypatch.setattr(worker.gpu, "run", run_after_noting)
     waiting_steps: list[int] = []
-    first = asyncio.create_task(worker.handle({"id": "first", "input": inputs(11, num_inference_steps=6)}))
-    second = asyncio.create_task(
-        worker.run("second", inputs(12), lambda done, total: waiting_steps.append(done))
-    )
-    await asyncio.sleep(0.05)  # both submitted; the second waits for the GPU thread
-    second.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await second
+    first = asyncio.create_task(worker.run("first", inputs(11, num_inference_steps=6), hold))
+    try:
+        await asyncio.to_thread(holding.wait, 60)  # no torch on that thread: it only waits
+        assert holding.is_set(), "the first job never reached its first step"
+        queued.clear()
+        second = asyncio.create_task(
+            worker.run("second", inputs(12), lambda done, total: waiting_steps.append(done))
+        )
+        await asyncio.wait_for(queued.wait(), 60)
+        second.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await second
+    finally:
+        release.set()
     return await first, waiting_steps
 
 
-def test_a_job_stopped_while_it_waits_for_the_gpu_never_runs(worker):
-    first, waiting_steps = asyncio.run(_cancel_the_waiting_one(worker))
-    assert "image_url" in first
+def test_a_job_stopped_while_it_waits_for_the_gpu_never_runs(worker, monkeypatch):
+    counter = ForwardCounter(worker.generator.text_to_image.transformer)
+    try:
+        first, waiting_steps = asyncio.run(_cancel_the_waiting_one(worker, monkeypatch))
+        after = handle_job(worker, {"id": "after", "input": inputs(13)})  # queued behind anything left
+    finally:
+        counter.remove()
+    assert "image_url" in first and "image_url" in after
     assert waiting_steps == []
+    # One transformer pass a step: the first job's 6 and the next job's 2, none for the stopped one.
+    assert counter.calls == 6 + SMALL["num_inference_steps"]
 
 
 def test_a_cuda_fault_fails_the_job_asks_for_a_new_worker_and_takes_no_more_gpu_work(worker):

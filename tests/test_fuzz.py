@@ -4,7 +4,9 @@
 examples: whatever JSON arrives, it returns a `GenerateRequest` or raises a `JobError`
 whose message a caller can act on, and never anything else. The local API gets a bounded
 number of generated bodies: each is answered COMPLETED or FAILED (never a 500 or a hang),
-with exactly the message `parse_request` gives for the same input.
+with exactly the message `parse_request` gives for the same input. The load-balancing server
+(src/lb/) gets the same bodies on /runsync, and generated JSON, bytes and forms on its OpenAI
+routes: each is answered 200 or 400 with the route's error shape, and it keeps serving.
 
 No generated value reaches the network: image strings that look like URLs are only the
 IP-literal samples below, which the shared worker's SSRF protection refuses unopened.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import string
 
@@ -27,6 +30,7 @@ from src.request.parse import parse_request
 from src.request.schema import ACCELERATION_LEVELS, FIELDS, MAX_SEED, GenerateRequest
 from src.runtime.errors import JobError
 from tests.conftest import data_uri_of, png_bytes
+from tests.load_balancer import InProcessLB, wait_until
 from tests.test_bad_input import assert_ssrf_protection_on
 
 MAX_MESSAGE = 2000  # characters: an error is a sentence or a few, never a dump of the input
@@ -116,6 +120,27 @@ near_rules = {
     "model": st.sampled_from(["z-image-turbo", "z-image", "Z-Image", "", "flux", None, 1, ["z-image"]]),
     "acceleration": st.sampled_from(["none", "regular", "high", "HIGH", "fast", "", None, 2, ["high"]]),
     "enable_prompt_expansion": st.sampled_from([True, False, "true", "false", 0, 1, None]),
+    # Valid ones stay small: the canvas of the 32x32 sample image is scaled up to 256 a side.
+    "outpaint": st.sampled_from(
+        [
+            {"left": 16},
+            {"top": 8, "bottom": 8, "feather": 4},
+            {"left": 16, "right": 16, "top": 16, "bottom": 16, "feather": 256},
+            {},
+            {"left": 0},
+            {"left": -1},
+            {"left": 1.5},
+            {"left": 16.0},
+            {"left": True},
+            {"top": "16"},
+            {"right": 2049},
+            {"left": 16, "feather": 257},
+            {"left": 16, "Left": 16},
+            None,
+            "left",
+            [16],
+        ]
+    ),
 }
 field_values = st.sampled_from(list(FIELDS)).flatmap(
     lambda name: st.tuples(st.just(name), near_rules[name] | json_values)
@@ -143,14 +168,17 @@ def assert_actionable(message: str, raw: object) -> None:
     names = {"input", *FIELDS, *keys, *(repr(k[:40]) + ("..." if len(k) > 40 else "") for k in keys)}
     # An entry of `loras` is named by its index (and key): `loras[0].path: ...`.
     lora_entry = re.match(r"loras\[\d+\](\.\w+)?: ", message) is not None
+    # A key of `outpaint` is named inside it: `outpaint.left: ...`.
+    lora_entry |= re.match(r"outpaint\.\S+: ", message) is not None
     assert lora_entry or any(message.startswith(f"{name}:") for name in names), message[:200]
 
 
 def assert_sound(request: GenerateRequest) -> None:
     """Every accepted request is within the contract, with real types (no silent coercion)."""
     assert type(request.prompt) is str and request.prompt.strip() and len(request.prompt) <= 4000
-    assert request.width % 16 == 0 and request.height % 16 == 0
-    assert 256 <= request.width <= 2048 and 256 <= request.height <= 2048
+    if request.size != "auto":  # resolved when the picture is open
+        assert request.width % 16 == 0 and request.height % 16 == 0
+        assert 256 <= request.width <= 2048 and 256 <= request.height <= 2048
     assert type(request.seed) is int and -1 <= request.seed <= MAX_SEED
     assert type(request.num_images) is int and 1 <= request.num_images <= 4
     assert request.model in MODELS
@@ -220,6 +248,8 @@ def _tiny_if_valid(raw: object) -> tuple[object, str | None]:
         return raw, str(err)
     assert isinstance(raw, dict)
     tiny = {**raw, **TINY}  # still valid: only the cost changes
+    if raw.get("outpaint") is not None:
+        del tiny["size"]  # outpainting takes the canvas's size (`auto`), and no other
     parse_request(tiny)
     return tiny, None
 
@@ -264,7 +294,10 @@ def test_local_api_answers_every_generated_body(api, raw):
         assert_actionable(reply["error"], job_input)
     else:
         output = reply["output"]
-        assert (output["width"], output["height"]) == (256, 256)
+        request = parse_request(job_input)
+        if request.size == "auto":  # of the one valid sample picture, 32x32 (or its canvas)
+            request = request.with_auto_size((32, 32))
+        assert (output["width"], output["height"]) == (request.width, request.height)
         assert output["output_format"] == parse_request(job_input).output_format
 
 
@@ -272,3 +305,110 @@ def test_the_api_is_still_up_after_fuzzing(api):
     assert api.process.poll() is None
     reply = api.runsync({"prompt": "after fuzzing", **TINY, "output_format": "jpeg"})
     assert reply["status"] == "COMPLETED"
+
+
+# ------------------------------------------------------- the load-balancing server
+LB_ROUTES = ("/v1/images/generations", "/v1/images/edits", "/runsync")
+OPENAI_KEYS = (
+    "prompt",
+    "n",
+    "size",
+    "response_format",
+    "quality",
+    "image",
+    "mask",
+    "seed",
+    "loras",
+    "stream",
+)
+# OpenAI-shaped bodies; the overlay keeps the valid ones tiny, so they run real jobs quickly.
+openai_bodies = st.tuples(
+    st.dictionaries(
+        st.sampled_from(OPENAI_KEYS) | unknown_keys, near_rules["prompt"] | json_values, max_size=5
+    ),
+    st.booleans(),
+).map(lambda pair: {**pair[0], "size": "256x256", "num_inference_steps": 1, "n": 1} if pair[1] else pair[0])
+form_fields = st.dictionaries(
+    st.sampled_from(OPENAI_KEYS) | unknown_keys,
+    st.text(max_size=20) | st.sampled_from(["true", "2", "1.5", "[]", '[{"path": "a.safetensors"}]']),
+    max_size=5,
+)
+
+
+@pytest.fixture(scope="module")
+def lb(worker):
+    # Generated image URLs are private IP literals: the in-process worker must refuse them unopened.
+    assert os.environ.get("RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS") is None
+    server = InProcessLB(lambda: worker, max_concurrency=2)
+    wait_until(lambda: requests.get(f"{server.url}/ping", timeout=5).status_code == 200, "ready")
+    yield server
+    assert server.close() == 0
+
+
+def _error_message(path: str, response: requests.Response) -> str:
+    """The message of a refusal, in the route's shape: FAILED on /runsync, OpenAI's error elsewhere."""
+    reply = response.json()
+    if path == "/runsync":
+        assert reply["status"] == "FAILED" and set(reply) == {"id", "status", "error"}, reply
+        return reply["error"]
+    assert set(reply["error"]) == {"message", "type", "param", "code"}, reply
+    assert reply["error"]["type"] == "invalid_request_error", reply
+    return reply["error"]["message"]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(near_valid | requests_like)
+def test_lb_runsync_answers_every_generated_body_as_the_model_does(lb, raw):
+    job_input, expected_error = _tiny_if_valid(raw)
+    response = requests.post(f"{lb.url}/runsync", data=json.dumps({"input": job_input}), timeout=60)
+    reply = response.json()
+    if expected_error is not None:
+        assert response.status_code == 400 and reply == {
+            "id": reply["id"],
+            "status": "FAILED",
+            "error": expected_error,
+        }
+    else:  # a valid request fails only on something it names (see the local API's test above)
+        assert response.status_code == (200 if reply["status"] == "COMPLETED" else 400), reply
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    st.sampled_from(LB_ROUTES),
+    openai_bodies.map(json.dumps).map(str.encode) | st.binary(max_size=200),
+    st.sampled_from(
+        ["application/json", "text/plain", "multipart/form-data", "multipart/form-data; boundary=b"]
+    ),
+)
+def test_lb_answers_any_body_on_any_route(lb, path, body, content_type):
+    response = requests.post(f"{lb.url}{path}", data=body, headers={"Content-Type": content_type}, timeout=60)
+    assert response.status_code in (200, 400), (response.status_code, response.text[:300])
+    if response.status_code == 400:
+        assert_actionable_length(_error_message(path, response))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    form_fields, st.sampled_from([None, "image", "image[]", "mask", "control_image"]), st.binary(max_size=64)
+)
+def test_lb_answers_any_multipart_edit(lb, fields, file_field, junk):
+    files = {"image": ("in.png", png_bytes((32, 32)), "image/png")}
+    if file_field is not None:
+        files[file_field] = ("x.bin", junk or png_bytes((16, 16)), "application/octet-stream")
+    data = {"prompt": "a", "size": "256x256", "num_inference_steps": "1", **fields}
+    response = requests.post(f"{lb.url}/v1/images/edits", data=data, files=files, timeout=60)
+    assert response.status_code in (200, 400), (response.status_code, response.text[:300])
+    if response.status_code == 400:
+        assert_actionable_length(_error_message("/v1/images/edits", response))
+
+
+def assert_actionable_length(message: str) -> None:
+    # The OpenAI adapter lists the allowed fields in each unknown-field clause (five at most), so
+    # its messages run to about 3000 characters: bounded, if longer than the native ones.
+    assert message and len(message) <= 2 * MAX_MESSAGE and "\n" not in message, message[:300]
+
+
+def test_the_lb_server_is_still_up_after_fuzzing(lb):
+    response = requests.post(f"{lb.url}/runsync", json={"input": {"prompt": "after", **TINY}}, timeout=120)
+    assert response.status_code == 200 and response.json()["status"] == "COMPLETED"
+    assert lb.in_flight == 0

@@ -122,9 +122,14 @@ def test_sections_measure_what_they_name(tiny_run):
         assert by[(variant, variant)]["psnr_vs_bf16_db_min"] == "identical"
     assert by[("modes", "image_to_image")]["load_input_ms"] > 0
     assert by[("modes", "num_images 4")]["per_image_ms"] > 0
-    for mode in ("inpainting", "lora activation", "control", "base model"):
+    for mode in ("inpainting", "outpainting", "lora activation", "control", "base model"):
         row = by[("modes", mode)]
         assert row["total_ms"] > row["denoise_ms"] > 0, row
+    # Outpainting widens the square picture to 16:9 (rounded by size auto) at one image's price.
+    first = by[("modes", "inpainting")]
+    side = int(first["size"].split("*")[1])
+    assert by[("modes", "outpainting")]["size"] == f"{round(side * 16 / 9) // 16 * 16}*{side}"
+    assert by[("modes", "outpainting")]["cost"] == first["cost"] == 0.005
     # A random ControlNet of the 2.1 release's layout, built where the worker runs (the tiny one here).
     control = by[("modes", "control")]
     assert control["controlnet"] == "2.1, random" and control["params"] > 0 and control["build_s"] >= 0

@@ -16,7 +16,18 @@ from tests.conftest import ROOT
 
 SRC = ROOT / "src"
 # Top to bottom: a package may import itself and any package below it, never one above.
-LAYERS = ("openai_images", "jobs", "control", "model", "delivery", "request", "lora", "inputs", "runtime")
+LAYERS = (
+    "lb",
+    "openai_images",
+    "jobs",
+    "control",
+    "model",
+    "delivery",
+    "request",
+    "lora",
+    "inputs",
+    "runtime",
+)
 
 
 def package_of(path: Path) -> str:
@@ -69,7 +80,7 @@ def test_no_source_file_is_ignored_by_git():
 
 
 def test_the_handler_is_the_entry_point_on_top():
-    assert imported_packages(ROOT / "handler.py") <= {"openai_images", "jobs", "runtime", "model"}
+    assert imported_packages(ROOT / "handler.py") <= {"lb", "openai_images", "jobs", "runtime", "model"}
 
 
 def test_the_checker_sees_an_upward_import(tmp_path):

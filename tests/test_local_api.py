@@ -6,7 +6,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 
 import requests
 
@@ -97,8 +96,7 @@ def test_unknown_job_id(api):
 def test_logs_hold_no_image_data_and_no_full_prompt(api):
     prompt = "a very particular prompt about a zebra named Quintessa " + "lorem " * 20
     api.runsync({"prompt": prompt, "size": "512*512", "seed": 1})
-    time.sleep(0.5)
-    log = api.log()
+    log = api.settled_log()
     assert "Quintessa" not in log
     assert re.search(r"prompt \d+ chars sha256 [0-9a-f]{12}", log)
     assert not re.search(r"[A-Za-z0-9+/]{200,}", log)  # no base64 run

@@ -154,3 +154,31 @@ def test_control_settings():
     settings = Settings.from_env({"CONTROLNET_MODEL": "/models/cn", "DEPTH_MODEL": "None"})
     assert settings.control_enabled and not settings.depth_enabled
     assert not Settings.from_env({"CONTROLNET_MODEL": "NONE"}).control_enabled
+
+
+def test_endpoint_settings():
+    settings = Settings.from_env({})
+    assert (settings.endpoint_type, settings.port, settings.port_health, settings.worker_api_key) == (
+        "queue",
+        80,
+        80,
+        None,
+    )
+    settings = Settings.from_env({"ENDPOINT_TYPE": "LB", "PORT": "8000", "WORKER_API_KEY": " sk-1 "})
+    assert (settings.endpoint_type, settings.port, settings.port_health) == (
+        "lb",
+        8000,
+        8000,
+    )  # /ping on PORT
+    assert settings.worker_api_key == "sk-1"
+    assert Settings.from_env({"PORT": "8000", "PORT_HEALTH": "8001"}).port_health == 8001
+    for env, named in [
+        ({"ENDPOINT_TYPE": "LoadBalancer"}, "ENDPOINT_TYPE"),
+        ({"PORT": "0"}, "PORT"),
+        ({"PORT": "65536"}, "PORT"),
+        ({"PORT": "http"}, "PORT"),
+        ({"PORT_HEALTH": "-1"}, "PORT_HEALTH"),
+    ]:
+        with pytest.raises(SettingsError) as caught:
+            Settings.from_env(env)
+        assert str(caught.value).startswith(f"{named}: "), caught.value

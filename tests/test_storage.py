@@ -428,8 +428,7 @@ def test_local_api_delivers_links_survives_a_store_outage_and_logs_no_secret(tin
         assert back["status"] == "COMPLETED", back
         urls.append(back["output"]["image_url"])
         assert requests.get(urls[-1], timeout=10).status_code == 200
-        time.sleep(0.5)
-        log = api.log()
+        log = api.settled_log()
     assert "storage: bucket 'zimage-test' at 127.0.0.1" in log
     assert_secret_free(log + down["error"], urls)
 

@@ -47,7 +47,8 @@ BOXES = {
     "fp8": 30,  # load, quantize, 6 jobs
     "compile": 60,  # load, regional compile warmed over every preset size, 6 jobs
     # text-to-image for reference, image-to-image, num_images 4, the acceleration levels regular
-    # and high on Turbo (4 jobs each), inpainting, a LoRA, control (a random 3.36B ControlNet built
+    # and high on Turbo (4 jobs each), inpainting, outpainting (the picture widened to 16:9: 3 jobs
+    # at 1808*1024, from 1024x1024), a LoRA, control (a random 3.36B ControlNet built
     # on the GPU, then 6 jobs), the base model (a second random 6.15B transformer built on the GPU,
     # then 3 jobs of 50 steps with guidance: 2 x 50 passes an image, about 12x a Turbo job, some
     # 25 s), and the base at acceleration high (2 jobs). attention, fp8 and compile gave it 30 s;

@@ -337,7 +337,9 @@ def modes() -> None:
             added = worker.gpu.call(partial(mode.prepare, worker)) if mode.prepare is not None else {}
             runs = min(CONFIG.runs, mode.runs) if mode.runs else None
             _, outs = timed_jobs(worker, {"size": size, **mode.job}, f"{name} {size}", runs)
-            row = {"mode": name, "size": size, **stages(outs)}
+            # The output's size (outpainting makes its own) and the price a caller pays for it.
+            made = f"{outs[0]['width']}*{outs[0]['height']}"
+            row = {"mode": name, "size": made, **stages(outs), "cost": outs[0]["cost"]}
             over = round(row["total_ms"] - stages(plain)["total_ms"], 1)
             emit("modes", {**row, "over_plain_ms": over, "peak_gib": peak_gib(), **added})
         except Exception as err:  # a mode that exists but fails here is a row, the next one still runs

@@ -20,6 +20,7 @@ from typing import Protocol
 
 from PIL import Image, ImageOps
 
+from src.inputs.canvas import Margins, outpainted
 from src.inputs.downloads import Limits, stream, without_query
 from src.runtime.errors import JobError
 
@@ -50,6 +51,7 @@ class PictureFields(Protocol):
 
     image: str | None
     mask: str | None
+    outpaint: Margins | None
 
     @property
     def width(self) -> int: ...
@@ -66,6 +68,8 @@ def load_inputs(request: PictureFields, opened: Image.Image | None = None) -> In
     if request.image is None:
         return Inputs()
     source = opened if opened is not None else open_input(request.image, "image")
+    if request.outpaint is not None:  # the canvas and its mask, as `image` and `mask` (API.md)
+        return Inputs(*outpainted(flat_rgb(source), request.outpaint, request.width, request.height))
     image = cover_crop(source, request.width, request.height)
     mask = load_mask(request.mask, source.size, request.width, request.height) if request.mask else None
     return Inputs(image, mask)
@@ -150,13 +154,18 @@ def open_image(data: bytes, field: str = "image") -> Image.Image:
 
 def cover_crop(image: Image.Image, width: int, height: int) -> Image.Image:
     """Apply EXIF orientation, flatten alpha onto white, cover the size and crop the centre."""
+    return _fit(flat_rgb(image), width, height)
+
+
+def flat_rgb(image: Image.Image) -> Image.Image:
+    """EXIF orientation applied, alpha flattened onto white, RGB."""
     image = ImageOps.exif_transpose(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         flat = Image.new("RGB", rgba.size, (255, 255, 255))
         flat.paste(rgba, mask=rgba.getchannel("A"))
         image = flat
-    return _fit(image.convert("RGB"), width, height)
+    return image.convert("RGB")
 
 
 def _fit(image: Image.Image, width: int, height: int) -> Image.Image:

@@ -49,7 +49,7 @@ from src.model.safety import SafetyChecker
 from src.request.models import MODELS
 from src.request.parse import parse_request
 from src.request.schema import MAX_SEED, GenerateRequest
-from src.request.sizes import AUTO, auto_size
+from src.request.sizes import AUTO
 from src.runtime.errors import JobError, error_output
 from src.runtime.gpu import GpuFault, GpuStage, Stop, run_stoppable
 from src.runtime.settings import Settings
@@ -212,7 +212,7 @@ class Worker:
             stage = "load_input" if field == "image" else "preprocess_control"
             picture = await self._timed(clock, stage, open_input, stop, getattr(request, field), field)
             opened[field] = picture
-            request = request.with_size(*auto_size(*picture.size))
+            request = request.with_auto_size(picture.size)  # of the canvas, with `outpaint`
             log.info("job %s: size auto: %s %dx%d -> %s", job_id, field, *picture.size, request.size)
 
         # 2. Fetch at once: the input image and mask fitted to the size, the control map (fitted,

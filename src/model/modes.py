@@ -25,7 +25,9 @@ from src.inputs.pictures import Inputs
 from src.model.inpaint import InpaintPipeline, composite
 from src.request.schema import GenerateRequest
 
-PICTURE_FIELDS = ("image", "mask", "control_image")
+# The request fields that pick a mode: the pictures, and `outpaint`, whose canvas and mask
+# (src/inputs/canvas.py) arrive as the image and mask.
+PICTURE_FIELDS = ("image", "mask", "control_image", "outpaint")
 
 Arguments = Callable[[Inputs, GenerateRequest], dict[str, Any]]
 Finish = Callable[[torch.Tensor, Inputs], torch.Tensor]
@@ -73,6 +75,8 @@ MODES: dict[frozenset[str], Mode] = {
     frozenset({"image"}): Mode("image-to-image", ZImageImg2ImgPipeline, _from_image),
     # diffusers' ZImageInpaintPipeline without its unused masked-image encode (src/model/inpaint.py).
     frozenset({"image", "mask"}): Mode("inpainting", InpaintPipeline, _from_image_and_mask, composite),
+    # The canvas and its mask (src/inputs/canvas.py) inpainted: the same pipeline and composite.
+    frozenset({"image", "outpaint"}): Mode("outpainting", InpaintPipeline, _from_image_and_mask, composite),
     frozenset({"control_image"}): Mode(
         "text-to-image with control", ZImageControlNetPipeline, _with_control, control=True
     ),

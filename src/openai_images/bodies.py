@@ -125,10 +125,11 @@ class EditFields(GenerationFields):
         return image
 
 
-# What each route's body may hold; `strength` is native, with its own default under a mask.
+# What each route's body may hold; `strength` is native, with its own default under a mask, and
+# `outpaint` extends the edited picture (it needs one, so generations have no use for it).
 ROUTES: dict[str, tuple[type[GenerationFields], tuple[str, ...]]] = {
     "/v1/images/generations": (GenerationFields, SHARED + EXTENSIONS),
-    "/v1/images/edits": (EditFields, SHARED + ("strength",) + EXTENSIONS),
+    "/v1/images/edits": (EditFields, SHARED + ("strength", "outpaint") + EXTENSIONS),
 }
 
 

@@ -10,9 +10,10 @@ import difflib
 import re
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from src.lora.files import shown_path
+from src.request.outpaint import Outpaint
 from src.request.schema import FIELDS, GenerateRequest, LoraSpec
 from src.runtime.errors import JobError
 
@@ -45,6 +46,8 @@ def _describe(error: Any, raw: dict) -> str:
     field = str(error["loc"][0]) if error["loc"] else ""
     if field == "loras" and len(error["loc"]) > 1:
         return _describe_lora(error, raw)
+    if field == "outpaint" and (len(error["loc"]) > 1 or error["type"] == "value_error"):
+        return _describe_part(error, "outpaint", raw["outpaint"], Outpaint)
     if error["type"] == "extra_forbidden":
         close = difflib.get_close_matches(field, FIELDS, n=1, cutoff=0.5)
         hint = f"did you mean '{close[0]}'? " if close else ""
@@ -58,14 +61,22 @@ def _describe(error: Any, raw: dict) -> str:
 
 def _describe_lora(error: Any, raw: dict) -> str:
     """An error inside `loras[i]`, named `loras[i].<key>`; a URL is shown without its query (tokens)."""
-    index, key = error["loc"][1], (str(error["loc"][2]) if len(error["loc"]) > 2 else "")
+    index = error["loc"][1]
     entry = raw["loras"][index]
-    name = f"loras[{index}]"
+    if len(error["loc"]) == 2 and error["type"] != "value_error":
+        rule = "it must be an object {'path': ..., 'scale': ...}"
+        return f"loras[{index}]: {shown(entry)} is not allowed: {rule}"
+    return _describe_part({**error, "loc": error["loc"][1:]}, f"loras[{index}]", entry, LoraSpec)
+
+
+def _describe_part(error: Any, name: str, entry: dict, model: type[BaseModel]) -> str:
+    """An error inside an object field (`outpaint`, an entry of `loras`), named `<name>.<key>`."""
+    key = str(error["loc"][1]) if len(error["loc"]) > 1 else ""
     if error["type"] == "extra_forbidden":
-        return f"{name}.{shown_key(key)}: unknown field; allowed fields: {', '.join(LoraSpec.model_fields)}"
-    if not key:
-        return f"{name}: {shown(entry)} is not allowed: it must be an object {{'path': ..., 'scale': ...}}"
-    spec = LoraSpec.model_fields[key]
+        return f"{name}.{shown_key(key)}: unknown field; allowed fields: {', '.join(model.model_fields)}"
+    if not key:  # the object's own rule (model validator): its message names the field
+        return str(error["ctx"]["error"])
+    spec = model.model_fields[key]
     if error["type"] == "missing":
         return f"{name}.{key}: required; send {spec.description}"
     value = entry.get(key)

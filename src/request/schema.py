@@ -20,7 +20,8 @@ from pydantic import (
 
 from src.lora.files import LORA_PATH_RULE, MAX_LORAS, check_lora_path, shown_path
 from src.request.models import DEFAULT_MODEL, MAX_STEPS, MODELS
-from src.request.sizes import AUTO, AUTO_SOURCES, SIZE_RULE, parse_size
+from src.request.outpaint import OUTPAINT_DEFAULTS, Outpaint
+from src.request.sizes import AUTO, AUTO_SOURCES, SIZE_RULE, auto_size, parse_size
 from src.request.sizes import MAX_SIDE as MAX_SIDE
 from src.request.sizes import MIN_SIDE as MIN_SIDE
 from src.request.sizes import PRESET_SIZES as PRESET_SIZES
@@ -166,6 +167,13 @@ class GenerateRequest(BaseModel):
     acceleration: Literal[ACCELERATION_LEVELS] = Field(  # type: ignore[valid-type]
         default="none", description="one of " + ", ".join(ACCELERATION_LEVELS)
     )
+    # The canvas and mask are built where inputs are fitted (src/inputs/canvas.py); the inpainting
+    # pipeline does the rest (src/model/modes.py's "outpainting" row).
+    outpaint: Outpaint | None = Field(
+        default=None,
+        description='an object {"left", "right", "top", "bottom", "feather"} of integers '
+        "(with 'image' only)",
+    )
     # Rewritten by the worker's language model before encoding (src/model/expander.py).
     enable_prompt_expansion: bool = Field(
         default=False, description="a boolean, true or false (not a string)"
@@ -179,7 +187,11 @@ class GenerateRequest(BaseModel):
         card = MODELS.get(name) if isinstance(name, str) else None
         if card is None:  # not an object, or an unknown model: the field's own error says so
             return raw
-        return {"num_inference_steps": card.default_steps, "guidance_scale": card.default_guidance, **raw}
+        defaults = {"num_inference_steps": card.default_steps, "guidance_scale": card.default_guidance}
+        if raw.get("outpaint") is not None and raw.get("image") is not None:
+            # Outpainting: the canvas decides the size, and the margins are made from scratch.
+            defaults.update(OUTPAINT_DEFAULTS)
+        return {**defaults, **raw}
 
     @model_validator(mode="after")
     def _steps_within_the_model(self) -> GenerateRequest:
@@ -212,6 +224,29 @@ class GenerateRequest(BaseModel):
             raise ValueError(
                 "size: 'auto' takes the size of 'image' or 'control_image', and this request has neither: "
                 "send 'W*H' (e.g. '1024*1024'), or leave 'size' out for 1024*1024"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _outpaint_needs_image_alone(self) -> GenerateRequest:
+        if self.outpaint is None:
+            return self
+        if self.image is None:
+            raise ValueError(
+                "outpaint: needs 'image', the picture to extend: send 'image' with it, "
+                "or leave 'outpaint' out"
+            )
+        refusals = {
+            "mask": "the margins are its mask; leave 'mask' out, or 'outpaint' out to inpaint",
+            "control_image": "outpainting takes no control map; leave 'control_image' out",
+        }
+        for other, why in refusals.items():
+            if getattr(self, other) is not None:
+                raise ValueError(f"outpaint: is not allowed together with '{other}': {why}")
+        if self.size != AUTO:
+            raise ValueError(
+                f"size: {self.size!r} is not allowed with 'outpaint': the output size is the canvas's "
+                f"(the input with its margins) under size '{AUTO}'; leave 'size' out or send '{AUTO}'"
             )
         return self
 
@@ -281,6 +316,12 @@ class GenerateRequest(BaseModel):
     def auto_source(self) -> str | None:
         """The picture field whose size `size: "auto"` takes (None: the request has no picture)."""
         return next((name for name in AUTO_SOURCES if getattr(self, name) is not None), None)
+
+    def with_auto_size(self, picture: tuple[int, int]) -> GenerateRequest:
+        """The same request at the size `auto` makes of the picture it takes, once that is open:
+        of the canvas, with `outpaint`, which is the picture with its margins."""
+        canvas = self.outpaint.canvas(*picture) if self.outpaint is not None else picture
+        return self.with_size(*auto_size(*canvas))
 
     def with_size(self, width: int, height: int) -> GenerateRequest:
         """The same request at a resolved size (`auto` once its picture is open)."""

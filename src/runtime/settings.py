@@ -20,6 +20,7 @@ MAX_CONCURRENCY = 8
 PRECISIONS = ("bf16", "fp8")
 # The memory plans, least memory-saving first (src/model/memory.py); MEMORY_PLAN takes one or "auto".
 MEMORY_PLANS = ("resident", "sliced", "offload", "fp8")
+ENDPOINT_TYPES = ("queue", "lb")
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,14 @@ class Settings:
     gpu_memory_gb: float | None = None
     # MEMORY_PLAN: "auto" (the first plan that fits) or one of MEMORY_PLANS, forced.
     memory_plan: str = "auto"
+    # "queue": Runpod's job queue (the SDK's job loop); "lb": a load-balancing endpoint, where the
+    # worker is the HTTP server (src/lb/).
+    endpoint_type: str = "queue"
+    # With "lb": the server's port, and the port of its /ping (from_env: PORT unless set).
+    port: int = 80
+    port_health: int = 80
+    # With "lb": the bearer key every route but /ping requires; None: none (Runpod's gateway checks).
+    worker_api_key: str | None = None
 
     @property
     def lora_cache_path(self) -> Path:
@@ -224,6 +233,10 @@ class Settings:
             # Unset reads as 0, which no set value can be: None, the GPU's own memory.
             gpu_memory_gb=_number(env, "GPU_MEMORY_GB", 0.0, 0.001, 100_000.0) or None,
             memory_plan=_choice(env, "MEMORY_PLAN", cls.memory_plan, ("auto", *MEMORY_PLANS)),
+            endpoint_type=_choice(env, "ENDPOINT_TYPE", cls.endpoint_type, ENDPOINT_TYPES),
+            port=(port := _integer(env, "PORT", cls.port, 1, 65535)),
+            port_health=_integer(env, "PORT_HEALTH", port, 1, 65535),
+            worker_api_key=text("WORKER_API_KEY", None),
         )
 
 
@@ -254,7 +267,9 @@ def _precision(env: Mapping[str, str]) -> str:
 def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:
     value = env.get(name, "").strip().lower() or default
     if value not in allowed:
-        raise SettingsError(f"{name}: {value!r} is not allowed: use one of {', '.join(allowed)}")
+        raise SettingsError(
+            f"{name}: {value[:40]!r} is not allowed: use {' or '.join(repr(a) for a in allowed)}"
+        )
     return value
 
 
@@ -273,7 +288,7 @@ def _integer(env: Mapping[str, str], name: str, default: int, low: int, high: in
     raw = env.get(name, "").strip()
     if not raw:
         return default
-    if not re.fullmatch(r"[0-9]{1,4}", raw, flags=re.ASCII) or not low <= int(raw) <= high:
+    if not re.fullmatch(r"[0-9]{1,5}", raw, flags=re.ASCII) or not low <= int(raw) <= high:
         raise SettingsError(f"{name}: {raw!r} is not allowed: it must be a whole number from {low} to {high}")
     return int(raw)
 
