@@ -38,6 +38,10 @@ RUN apt-get update \
 #    --no-deps: a package the lock does not name is an error here, never a silent download.
 COPY locks/worker-cuda.txt /tmp/worker-cuda.txt
 RUN pip install --no-cache-dir --require-hashes --no-deps -r /tmp/worker-cuda.txt
+# torchao for ZIMAGE_PRECISION=fp8, in a folder of its own: beside diffusers it would be imported
+# on every start; src/model/pipeline.py puts /opt/fp8 on the path only when fp8 asks for it.
+COPY locks/fp8-cuda.txt /tmp/fp8-cuda.txt
+RUN pip install --no-cache-dir --require-hashes --no-deps --target /opt/fp8 -r /tmp/fp8-cuda.txt
 
 # 2. Weights, baked into /models/<repo name> where src/model/files.py looks for them.
 #    Only the download script is copied here, so editing the worker keeps this layer cached.

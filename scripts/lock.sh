@@ -5,6 +5,7 @@
 #   locks/dev-cpu.txt      set-up and CI (scripts/setup.sh): the worker, tests and lint, CPU torch
 #   locks/worker-cpu.txt   the worker alone with CPU torch (tests/test_locks.py installs it fresh)
 #   locks/worker-cuda.txt  the Docker image: the worker with PyPI's CUDA torch, for Python 3.12
+#   locks/fp8-cuda.txt     the Docker image's torchao, for ZIMAGE_PRECISION=fp8 only
 #
 # The three share every version they have in common: the worker locks are resolved under the
 # dev lock's pins. Extra uv arguments pass through (e.g. --upgrade-package diffusers).
@@ -25,6 +26,10 @@ grep -E '^[A-Za-z0-9_.-]+==' locks/dev-cpu.txt | sed 's/ .*//' | grep -v '^torch
 "${UV[@]}" "${CPU[@]}" --override "$overrides" -c "$constraints" requirements.txt -o locks/worker-cpu.txt "$@"
 "${UV[@]}" --python-version 3.12 --python-platform x86_64-manylinux_2_28 -c "$constraints" \
   requirements.txt -o locks/worker-cuda.txt "$@"
+# Installed apart in the image (pip --target): installed beside diffusers, torchao would be imported
+# by diffusers' quantizer checks on every start; only ZIMAGE_PRECISION=fp8 puts it on the path.
+"${UV[@]}" --python-version 3.12 --python-platform x86_64-manylinux_2_28 -c "$constraints" \
+  requirements-fp8.txt -o locks/fp8-cuda.txt "$@"
 # The annotations name the temporary files; give them stable names so a re-lock diffs cleanly.
 sed -i -e "s#$overrides#torch==2.13.0+cpu#" -e "s#$constraints#locks/dev-cpu.txt#" locks/*.txt
 echo "locked: $(ls locks/*.txt | tr '\n' ' ')"

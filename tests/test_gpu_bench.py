@@ -20,6 +20,7 @@ import pytest
 from benchmarks.gpu.bench import BOXES, RESULTS, TABLE
 from benchmarks.gpu.report import END, START, gpu_section, read_results, replace_section
 from benchmarks.gpu.wheels import MAX_MIB, normalise, pinned, wheel_name_version
+from src.model.memory import PLANS
 from tests.conftest import ROOT
 
 
@@ -140,6 +141,12 @@ def test_sections_measure_what_they_name(tiny_run):
     for mode in ("acceleration regular", "acceleration high", "base acceleration high"):
         row = by[("modes", mode)]
         assert "skipped" not in row and "error" not in row and row["denoise_ms"] > 0, row
+    # The memory plans: two budgets planned by `auto`, the worst jobs on each, every plan's time.
+    jobs = [row for row in rows if row["section"] == "memory" and "job" in row]
+    assert {row["plan"] for row in jobs} == {"sliced", "fp8"}
+    assert all(row["oom"] is False and row["estimate_gib"] > 0 and row["seconds"] > 0 for row in jobs), jobs
+    timed = [row for row in rows if row["section"] == "memory" and "vs_resident" in row]
+    assert [row["plan"] for row in timed] == list(PLANS) and timed[0]["vs_resident"] == 1.0
     loop = [row for row in rows if row["section"] == "job_loop"]
     assert loop and ("skipped" in loop[0]) == (not (ROOT / "benchmarks" / "loop" / "job_loop.py").exists())
 

@@ -15,6 +15,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from benchmarks.gpu.wheels import FP8
 from tests.conftest import ROOT
 
 LOCKS = ROOT / "locks"
@@ -23,6 +24,7 @@ SOURCES = {
     "dev-cpu.txt": ("requirements.txt", "requirements-dev.txt"),
     "worker-cpu.txt": ("requirements.txt",),
     "worker-cuda.txt": ("requirements.txt",),
+    "fp8-cuda.txt": ("requirements-fp8.txt",),  # the image's torchao, installed apart (Dockerfile)
 }
 PIN = re.compile(r"^([A-Za-z0-9_.-]+)==(\S+?)(?: \\)?$")
 
@@ -70,7 +72,7 @@ def test_nothing_is_locked_as_a_requirement_that_none_asks_for(lock):
     claimed = {
         name
         for name, package in locked(lock).items()
-        if any(re.fullmatch(r"-r requirements(-dev)?\.txt", via) for via in package["via"])
+        if any(re.fullmatch(r"-r requirements(-dev|-fp8)?\.txt", via) for via in package["via"])
     }
     assert claimed == set(top_level(*SOURCES[lock])), "run bash scripts/lock.sh"
 
@@ -78,7 +80,7 @@ def test_nothing_is_locked_as_a_requirement_that_none_asks_for(lock):
 @pytest.mark.parametrize("lock", sorted(SOURCES))
 def test_every_pin_carries_its_hashes(lock):
     packages = locked(lock)
-    assert len(packages) > 100
+    assert len(packages) > 100 or lock == "fp8-cuda.txt"  # torchao alone: it has no dependency
     for name, package in packages.items():
         assert package["hashes"], f"{lock}: {name} has no hash"
 
@@ -97,6 +99,8 @@ def test_the_locks_agree_on_every_version_they_share():
     # The CUDA lock adds only the GPU's own packages (CUDA libraries, triton) to the worker's.
     gpu_only = {name for name in set(cuda) - set(cpu) if not name.startswith(("nvidia-", "cuda-"))}
     assert gpu_only <= {"triton"}
+    # The image's torchao (ZIMAGE_PRECISION=fp8), installed apart, is the pin the GPU bench carries.
+    assert {name: p["version"] for name, p in locked("fp8-cuda.txt").items()} == FP8
 
 
 def test_the_venv_holds_exactly_the_dev_lock():

@@ -123,7 +123,7 @@ def test_layers_go_packages_then_weights_then_code():
     assert packages < weights < code
     # Before the weights, only the download script is copied: no other change reruns the download.
     copied = [args.split()[0] for op, args in instructions()[:weights] if op in ("COPY", "ADD")]
-    assert copied == ["locks/worker-cuda.txt", "builder/download_weights.py"]
+    assert copied == ["locks/worker-cuda.txt", "locks/fp8-cuda.txt", "builder/download_weights.py"]
     offline = index_of(lambda op, args: op == "ENV" and "HF_HUB_OFFLINE=1" in args)
     assert weights < offline < code
 
@@ -237,10 +237,15 @@ def test_weights_are_baked_where_the_worker_looks():
 def test_packages_install_from_the_cuda_lock_with_hashes_and_nothing_else():
     """The image's one pip install reads the lock, checks every hash and pulls no dependency
     the lock does not name; the lock pins PyPI's CUDA build of the torch the tests run."""
-    run = instructions()[index_of(lambda op, args: op == "RUN" and "pip install" in args)][1]
+    run = instructions()[index_of(lambda op, args: op == "RUN" and "/tmp/worker-cuda.txt" in args)][1]
     assert re.fullmatch(
         r"pip install --no-cache-dir --require-hashes --no-deps -r /tmp/worker-cuda\.txt", run.strip()
     )
+    # torchao (ZIMAGE_PRECISION=fp8) apart from site-packages: imported only when fp8 asks for it.
+    fp8 = [args for op, args in instructions() if op == "RUN" and "fp8-cuda.txt" in args]
+    assert fp8 == [
+        "pip install --no-cache-dir --require-hashes --no-deps --target /opt/fp8 -r /tmp/fp8-cuda.txt"
+    ]
     assert "torch==" not in DOCKERFILE and "index-url" not in DOCKERFILE
     cuda_lock = (ROOT / "locks/worker-cuda.txt").read_text()
     assert re.search(r"^torch==2\.13\.0 \\$", cuda_lock, re.M)
@@ -429,6 +434,7 @@ SHIPPED = [
     "builder/download_weights.py",
     "requirements.txt",
     "locks/worker-cuda.txt",
+    "locks/fp8-cuda.txt",
 ]
 LEFT_OUT = [
     "tests/test_ship.py",

@@ -346,6 +346,12 @@ def modes() -> None:
             emit("modes", {"mode": name, "error": f"{type(err).__name__}: {err}"[:300]})
 
 
+def memory_plans() -> None:
+    from benchmarks.gpu.memory import run  # it imports this module's helpers
+
+    run()
+
+
 SECTIONS = {
     "load": load,
     "cold_start": cold_start,
@@ -354,6 +360,7 @@ SECTIONS = {
     "fp8": fp8,
     "compile": compile_blocks,
     "modes": modes,
+    "memory": memory_plans,
 }
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ Every part runs on the GPU thread (src/runtime/gpu.py), as every later torch op 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -17,12 +19,16 @@ from src.control.pose import PoseEstimator
 from src.control.preprocess import DepthEstimator
 from src.lora.adapters import LoraAdapters
 from src.lora.files import LoraFiles
+from src.model import memory, placement
 from src.model.acceleration import COMPILED_NOTE
 from src.model.expander import PromptExpander
 from src.model.expander_weights import load_expander_model, missing_expander_files
 from src.model.files import SearchRoots, missing_classifier_files, resolve_model
 from src.model.pipeline import ZImageGenerator
+from src.model.placement import Placement, store_fp8
+from src.model.residence import Residence
 from src.model.safety import SafetyChecker
+from src.request.schema import GenerateRequest
 from src.runtime.settings import Settings
 from src.runtime.timing import Stopwatch
 
@@ -61,7 +67,8 @@ def load_control_models(
     """The ControlNet, built on the first model's transformer, and the depth and pose models beside it."""
     if not settings.control_enabled:
         return ControlModels()
-    controlnet = load_controlnet(settings.controlnet_model, transformer, dtype, roots).to(device)
+    # In CPU memory until serve_models moves it, after the memory plan may have stored it in fp8.
+    controlnet = load_controlnet(settings.controlnet_model, transformer, dtype, roots)
     depth = pose = None
     if settings.depth_enabled:
         folder = resolve_model(settings.depth_model, missing_classifier_files, "DEPTH_MODEL", roots)
@@ -87,6 +94,8 @@ def serve_models(
         settings.lora_dirs, settings.lora_cache_path, settings.lora_cache_gb, settings.lora_max_mb
     )
     first = next(iter(pipes))
+    if controlnet is not None:
+        controlnet.to(device)
     models: dict[str, ServedModel] = {}
     for name, pipe in pipes.items():
         # One prompt cache for the models that share one text encoder.
@@ -143,3 +152,125 @@ def load_expander(
 def warm_up(settings: Settings, models: dict[str, ServedModel]) -> None:
     for served in models.values():
         served.generator.warm_up(compiled=settings.compile, lora_slots=served.loras.slots)
+
+
+def weigh(
+    settings: Settings, pipes: dict[str, ZImagePipeline], control: ControlModels, device: torch.device
+) -> Weights:
+    """The big parts measured while still in CPU memory. Where the plan will be `fp8` (the plan
+    for these parts alone, which the small ones loaded later can only push further down the
+    table), the transformers and ControlNet are stored in fp8 here, so a card that cannot hold
+    them in bf16 never has to."""
+    transformers = unique([pipe.transformer for pipe in pipes.values()])
+    encoders = unique([pipe.text_encoder for pipe in pipes.values()])
+    vaes = unique([pipe.vae for pipe in pipes.values()])
+    parts = placement.measure(transformers, encoders, vaes, control.controlnet)
+    shapes = placement.shapes_of(transformers[0], vaes[0], encoders[0], control.controlnet)
+    budget, context = memory_budget(settings, device)
+    job = placement.worst_job(settings.lora_max_loaded)
+    early = memory.choose(settings.memory_plan, parts, shapes, budget, context, job)  # may refuse
+    if early.plan.fp8:
+        dtype = transformers[0].dtype
+        for model in [*transformers, control.controlnet]:
+            if model is not None:
+                store_fp8(model, dtype)
+    return Weights(parts, shapes, budget, context, job)
+
+
+@dataclass(frozen=True)
+class Weights:
+    parts: memory.Parts  # the transformers, text encoders, VAEs and ControlNet, as loaded
+    shapes: memory.Shapes
+    budget: float
+    context: int
+    job: memory.Job
+
+
+def plan_memory(
+    settings: Settings,
+    weights: Weights,
+    models: dict[str, ServedModel],
+    control: ControlModels,
+    safety: SafetyChecker | None,
+    expander: PromptExpander | None,
+) -> Placement:
+    """The memory plan for this card and every loaded part (src/model/memory.py), put in place
+    here (and in `weigh`) only: the job flow sees batches split and weights where the plan put them."""
+    generators = [served.generator for served in models.values()]
+    device = generators[0].device
+    pipes = [generator.text_to_image for generator in generators]
+    transformers = unique([pipe.transformer for pipe in pipes])
+    encoders, vaes = unique([pipe.text_encoder for pipe in pipes]), unique([pipe.vae for pipe in pipes])
+    pose = [control.pose.detector, control.pose.pose] if control.pose is not None else []
+    others = [safety.model if safety else None, control.depth.model if control.depth else None, *pose]
+    own_expander = expander.model if expander is not None else None
+    more = placement.measure([], [], [], None, own_expander, others)
+    parts = replace(weights.parts, expander=more.expander, others=more.others)
+    shapes, budget, context, job = weights.shapes, weights.budget, weights.context, weights.job
+    choice = memory.choose(settings.memory_plan, parts, shapes, budget, context, job)  # may refuse
+    plan = choice.plan
+    where = {"transformer": f"on {device.type}"}
+    if plan.fp8:
+        dtype = generators[0].text_to_image.transformer.dtype
+        for model in [*transformers, control.controlnet]:
+            if model is not None:
+                store_fp8(model, dtype)  # those `weigh` did not store already
+        cast = sum(placement.is_cast(layer) for model in transformers for layer in model.modules())
+        kept = "norms, embedders, final layer as loaded"
+        where["transformer"] += f", {cast} layers stored in fp8 ({kept})"
+    if control.controlnet is not None:
+        where["ControlNet"] = f"on {device.type}" + (", stored in fp8 likewise" if plan.fp8 else "")
+    residence = Residence([*encoders, own_expander] if own_expander else encoders, device, plan.offloads)
+    where["text encoder" + (" and expander" if expander else "")] = residence.where
+    for generator in generators:
+        generator.prompts.residence = residence
+        if plan.splits:
+            generator.largest_batch = partial(batch_for, plan, parts, shapes, job, budget - context)
+        if plan.slices:
+            generator.tile_above = memory.TILE_ABOVE
+    if expander is not None and plan.offloads:
+        expander.offload(residence)
+    for vae in vaes if plan.slices else []:
+        vae.enable_slicing()
+        vae.tile_sample_min_size = memory.TILE_PIXELS
+        vae.tile_latent_min_size = memory.TILE_PIXELS // shapes.vae_scale
+    where["VAE"] = f"on {device.type}" + (", one image at a time, tiled above 1 MP" if plan.slices else "")
+    placed = Placement(choice, budget, where, parts, shapes)
+    (log.info if choice.fits else log.warning)("%s", placed.line)
+    return placed
+
+
+def unique(modules: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    return list({id(module): module for module in modules}.values())
+
+
+def memory_budget(settings: Settings, device: torch.device) -> tuple[float, int]:
+    """GPU_MEMORY_GB in bytes (default: the GPU's total; without CUDA, no limit), and the part of
+    it the CUDA context and other processes hold already (torch's own allocations apart)."""
+    if device.type != "cuda":
+        budget = math.inf if settings.gpu_memory_gb is None else settings.gpu_memory_gb * memory.GB
+        return budget, 0
+    free, total = torch.cuda.mem_get_info(device)
+    budget = total if settings.gpu_memory_gb is None else settings.gpu_memory_gb * memory.GB
+    return budget, max(0, total - free - torch.cuda.memory_reserved(device))
+
+
+def batch_for(
+    plan: memory.Plan,
+    parts: memory.Parts,
+    shapes: memory.Shapes,
+    worst: memory.Job,
+    budget: float,
+    request: GenerateRequest,
+) -> int:
+    """The most of `request`'s images the plan denoises at once (the worst job's LoRAs stay loaded)."""
+    job = memory.Job(
+        width=request.width,
+        height=request.height,
+        images=request.num_images,
+        guidance=request.guidance_scale > 0,
+        control=request.control_image is not None,
+        loras=worst.loras,
+        expansion=False,
+    )
+    return memory.largest_batch(plan, parts, shapes, job, budget)

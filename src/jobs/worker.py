@@ -44,6 +44,7 @@ from src.model.inpaint import keeps_everything
 from src.model.modes import mode_of
 from src.model.pipeline import StepCallback, ZImageGenerator, pick_device, to_pil
 from src.model.pixels import from_pil
+from src.model.placement import Placement
 from src.model.safety import SafetyChecker
 from src.request.models import MODELS
 from src.request.parse import parse_request
@@ -72,6 +73,8 @@ class Worker:
     pose: PoseEstimator | None = None
     # enable_prompt_expansion; None with PROMPT_EXPANDER_MODEL=none.
     expander: PromptExpander | None = None
+    # The memory plan in force and where each part lives (src/model/placement.py).
+    placement: Placement | None = None
     # Jobs past the GPU stage; the job loop lets the next job take their slots (src/jobs/slots.py).
     delivery: Delivery | None = None
 
@@ -114,12 +117,15 @@ class Worker:
         )
         if control.controlnet is not None:
             clock.lap("load_control")
+        weights = startup.weigh(settings, pipes, control, device)  # may refuse: too little memory
         models = startup.serve_models(settings, pipes, control.controlnet, device, clock)  # its own laps
         safety = startup.load_safety(settings, roots, device, dtype)
         clock.lap("load_safety_checker")
         expander = startup.load_expander(settings, roots, models)
         if expander is not None:
             clock.lap("load_prompt_expander")
+        placement = startup.plan_memory(settings, weights, models, control, safety, expander)
+        clock.lap("plan_memory")
         storage = Storage(settings) if settings.storage_enabled else None
         clock.lap("connect_storage")
         startup.warm_up(settings, models)
@@ -137,6 +143,7 @@ class Worker:
             depth=control.depth,
             pose=control.pose,
             expander=expander,
+            placement=placement,
         )
 
     async def handle(self, job: dict[str, Any], inline: bool = False) -> dict[str, Any]:

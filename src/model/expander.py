@@ -37,6 +37,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from src.model.residence import Residence, resident
 from src.runtime.errors import JobError
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,8 @@ class PromptExpander:
         self._static = compile_decoding and self.device.type == "cuda"
         self._compiled_step: Step | None = None
         self._static_cache: StaticCache | None = None
+        # Where the weights live between rewrites; the memory plan may move them (`offload`).
+        self.residence: Residence = resident(self.device)
         if self._static:
             # On disk, as for the transformer's compile (src/model/pipeline.py): a restarted worker
             # reads the kernels instead of compiling them again.
@@ -138,6 +141,11 @@ class PromptExpander:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
             os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
             self._compiled_step = torch.compile(self._step, mode="reduce-overhead", fullgraph=True)
+
+    def offload(self, residence: Residence) -> None:
+        """Weights in CPU memory between rewrites, brought over for each. Decoding stays eager: a
+        CUDA graph replays the addresses it was captured with, which a move changes."""
+        self.residence, self._static = residence, False
 
     @classmethod
     def load(cls, folder: Path, model: PreTrainedModel, name: str) -> PromptExpander:
@@ -186,7 +194,7 @@ class PromptExpander:
         config = self.model.config
         step = self._compiled_step if static else self._step
         sequence, new = input_ids, []
-        with torch.inference_mode():
+        with torch.inference_mode(), self.residence.use():
             cache = self._reset_static_cache() if static else DynamicCache(config=config)
             # The prompt in one eager pass (its length varies); then one token a step.
             positions = torch.arange(length, device=self.device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,8 +23,9 @@ from src.inputs.pictures import Inputs
 from src.model.acceleration import LEVELS, step_cache, steps_run
 from src.model.control_window import control_window, controlled_steps
 from src.model.files import ModelNotFound, load_failure
-from src.model.modes import MODES, mode_of
+from src.model.modes import MODES, Mode, mode_of
 from src.model.pixels import to_bytes
+from src.model.placement import is_cast
 from src.model.prompts import PromptEncoder
 from src.request.schema import PRESET_SIZES, GenerateRequest
 from src.runtime.timing import Stopwatch
@@ -114,6 +116,10 @@ class ZImageGenerator:
         for pipe in self.pipelines.values():
             pipe.set_progress_bar_config(disable=True)
         self.prompts = prompts or PromptEncoder(text_to_image, device)
+        # Set by the memory plan at start (src/model/placement.py): the most images of a request
+        # denoised and decoded at once, and the pixel count above which the VAE decodes in tiles.
+        self.largest_batch: Callable[[GenerateRequest], int] = lambda request: request.num_images
+        self.tile_above: int | None = None
 
     @property
     def text_encoder(self) -> torch.nn.Module:
@@ -192,10 +198,6 @@ class ZImageGenerator:
         mode (modes.mode_of) picks the pipeline, what it adds to the call and its last step.
         """
         n = request.num_images
-        # One generator per image, seeded seed + i: image i of a batch is the image a
-        # single request with that seed makes.
-        generators = [torch.Generator(self.device).manual_seed((seed + i) % 2**32) for i in range(n)]
-        use_cfg = request.guidance_scale > 0
         mode = mode_of(request)
         pipe = self.pipelines[mode.name]
         inputs = inputs or Inputs()
@@ -203,23 +205,54 @@ class ZImageGenerator:
         # 1. Encode the prompt, and the negative prompt only when guidance uses it ("" when
         #    none is given, as diffusers does).
         prompt_embeds = [self.prompts.embed(request.prompt)]
+        use_cfg = request.guidance_scale > 0
         negative_embeds = [self.prompts.embed(request.negative_prompt or "")] if use_cfg else None
         clock.lap("encode_prompt")
 
-        # 2. Denoise to latents; progress after every transformer step.
-        def step_end(pipeline, step, timestep, tensors):
-            if on_step is not None:
-                on_step(step + 1, pipeline.num_timesteps)
-            return {}
+        # 2-4. The images in as few batches as the memory plan allows (all at once unless it splits).
+        batch = max(1, min(n, self.largest_batch(request)))
+        starts = range(0, n, batch)
+        parts = []
+        for index, first in enumerate(starts):
+            count = min(batch, n - first)
 
+            def step_end(pipeline, step, timestep, tensors, index=index):
+                if on_step is not None:
+                    total = pipeline.num_timesteps
+                    on_step(index * total + step + 1, len(starts) * total)
+                return {}
+
+            # One generator per image, seeded seed + i: image i of a batch is the image a
+            # single request with that seed makes, however the batch is split.
+            seeds = [(seed + i) % 2**32 for i in range(first, first + count)]
+            generators = [torch.Generator(self.device).manual_seed(value) for value in seeds]
+            part = request.model_copy(update={"num_images": count})
+            embeds = (prompt_embeds, negative_embeds)
+            latents = self._denoise(pipe, mode, part, inputs, generators, step_end, embeds)
+            clock.lap("denoise")
+            parts.append(self._decode(pipe, mode, request, inputs, latents))
+            clock.lap("decode")
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _denoise(
+        self,
+        pipe: DiffusionPipeline,
+        mode: Mode,
+        request: GenerateRequest,
+        inputs: Inputs,
+        generators: list[torch.Generator],
+        step_end: Callable,
+        embeds: tuple[list[torch.Tensor], list[torch.Tensor] | None],
+    ) -> torch.Tensor:
+        """2. Denoise the request's images to latents; progress after every transformer step."""
         kwargs = dict(
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_embeds,
+            prompt_embeds=embeds[0],
+            negative_prompt_embeds=embeds[1],
             height=request.height,
             width=request.width,
             num_inference_steps=request.num_inference_steps,
             guidance_scale=request.guidance_scale,
-            num_images_per_prompt=n,
+            num_images_per_prompt=request.num_images,
             generator=generators,
             output_type="latent",
             callback_on_step_end=step_end,
@@ -233,12 +266,20 @@ class ZImageGenerator:
         runs = controlled_steps(steps, request.control_start, request.control_end, schedule)
         with step_cache(schedule, steps, pipe.transformer, controlnet is not None):
             with control_window(controlnet, runs):
-                latents = pipe(**kwargs, **extra).images
-        clock.lap("denoise")
+                return pipe(**kwargs, **extra).images
 
-        # 3. Decode, denormalise to [0, 1]; the images stay on the device.
+    def _decode(
+        self,
+        pipe: DiffusionPipeline,
+        mode: Mode,
+        request: GenerateRequest,
+        inputs: Inputs,
+        latents: torch.Tensor,
+    ) -> torch.Tensor:
+        """3. Decode, denormalise to [0, 1]; the images stay on the device."""
         with torch.inference_mode():
             vae = pipe.vae
+            vae.use_tiling = self.tile_above is not None and request.width * request.height > self.tile_above
             latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
             decoded = vae.decode(latents, return_dict=False)[0]
             images = pipe.image_processor.postprocess(decoded, output_type="pt")
@@ -246,7 +287,6 @@ class ZImageGenerator:
             #    decode, so timed with it.
             if mode.finish is not None:
                 images = mode.finish(images, inputs)
-        clock.lap("decode")
         return images
 
 
@@ -278,6 +318,10 @@ def not_shared_linears(owner: torch.nn.Module) -> Callable[[torch.nn.Module, str
     return lambda layer, name: isinstance(layer, torch.nn.Linear) and id(layer) not in shared
 
 
+# The Docker image's torchao (locks/fp8-cuda.txt), apart from site-packages so that importing
+# diffusers does not import it: on the path only once ZIMAGE_PRECISION=fp8 asks for it.
+FP8_PACKAGES = Path("/opt/fp8")
+
 # Linear layers already given float8 in this process: a layer that two modules hold (the base
 # model's ControlNet view shares Turbo's ControlNet's control blocks) is quantized once.
 _FLOAT8_DONE: set[int] = set()
@@ -296,9 +340,12 @@ def _float8_matmuls(module: torch.nn.Module, what: str, skip: torch.nn.Module | 
     )
 
     def fresh(layer: torch.nn.Module, name: str) -> bool:
-        return wanted(layer, name) and id(layer) not in _FLOAT8_DONE
+        # A layer the fp8 memory plan stores in float8 already (placement.py) keeps its casting.
+        return wanted(layer, name) and id(layer) not in _FLOAT8_DONE and not is_cast(layer)
 
     chosen = [id(layer) for name, layer in module.named_modules() if fresh(layer, name)]
+    if FP8_PACKAGES.is_dir() and str(FP8_PACKAGES) not in sys.path:
+        sys.path.append(str(FP8_PACKAGES))
     try:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 

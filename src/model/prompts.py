@@ -14,6 +14,8 @@ from collections import OrderedDict
 import torch
 from diffusers import ZImagePipeline
 
+from src.model.residence import Residence, resident
+
 MAX_SEQUENCE_LENGTH = 512  # diffusers' default for Z-Image
 CACHE_SIZE = 64  # Qwen3-4B: at most 512 x 2560 bf16 values (2.6 MB) a prompt
 
@@ -22,6 +24,8 @@ class PromptEncoder:
     def __init__(self, pipe: ZImagePipeline, device: torch.device, cache_size: int = CACHE_SIZE) -> None:
         self.pipe, self.device, self.cache_size = pipe, device, cache_size
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        # Where the text encoder lives between prompts; the memory plan may move it (placement.py).
+        self.residence: Residence = resident(device)
 
     def embed(self, text: str) -> torch.Tensor:
         """Hidden states of the prompt's real tokens, (tokens, hidden), on the device."""
@@ -29,7 +33,7 @@ class PromptEncoder:
         if cached is not None:
             self._cache.move_to_end(text)
             return cached
-        with torch.inference_mode():
+        with torch.inference_mode(), self.residence.use():
             embeds, _ = self.pipe.encode_prompt(
                 prompt=text,
                 device=self.device,

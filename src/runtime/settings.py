@@ -18,6 +18,8 @@ from urllib.parse import urlparse
 # GPU gains nothing (it runs one job at a time) and a job waits longer behind the others.
 MAX_CONCURRENCY = 8
 PRECISIONS = ("bf16", "fp8")
+# The memory plans, least memory-saving first (src/model/memory.py); MEMORY_PLAN takes one or "auto".
+MEMORY_PLANS = ("resident", "sliced", "offload", "fp8")
 ENDPOINT_TYPES = ("queue", "lb")
 
 log = logging.getLogger(__name__)
@@ -93,6 +95,11 @@ class Settings:
     lora_max_mb: int = 1024
     # Adapters kept loaded in the transformer between jobs; the least recently used are unloaded.
     lora_max_loaded: int = 6
+    # GPU_MEMORY_GB: the memory the worker plans for, in GB (2^30 bytes); None: the GPU's total
+    # memory, or no limit without CUDA (src/model/memory.py).
+    gpu_memory_gb: float | None = None
+    # MEMORY_PLAN: "auto" (the first plan that fits) or one of MEMORY_PLANS, forced.
+    memory_plan: str = "auto"
     # "queue": Runpod's job queue (the SDK's job loop); "lb": a load-balancing endpoint, where the
     # worker is the HTTP server (src/lb/).
     endpoint_type: str = "queue"
@@ -223,6 +230,9 @@ class Settings:
             lora_cache_gb=_number(env, "LORA_CACHE_GB", cls.lora_cache_gb, 0.0, 100_000.0),
             lora_max_mb=_integer(env, "LORA_MAX_MB", cls.lora_max_mb, 1, 8192),
             lora_max_loaded=_integer(env, "LORA_MAX_LOADED", cls.lora_max_loaded, 1, 64),
+            # Unset reads as 0, which no set value can be: None, the GPU's own memory.
+            gpu_memory_gb=_number(env, "GPU_MEMORY_GB", 0.0, 0.001, 100_000.0) or None,
+            memory_plan=_choice(env, "MEMORY_PLAN", cls.memory_plan, ("auto", *MEMORY_PLANS)),
             endpoint_type=_choice(env, "ENDPOINT_TYPE", cls.endpoint_type, ENDPOINT_TYPES),
             port=(port := _integer(env, "PORT", cls.port, 1, 65535)),
             port_health=_integer(env, "PORT_HEALTH", port, 1, 65535),
