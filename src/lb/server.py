@@ -27,7 +27,7 @@ from src.openai_images.routes import OpenAIImages
 from src.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
-HOST = "0.0.0.0"  # noqa: S104 (Runpod's gateway reaches the container from outside)
+HOST = "0.0.0.0"  # noqa: S104  # nosec B104: the contract listens on every interface; Runpod's gateway reaches the container from outside
 
 
 class _Server(uvicorn.Server):
