@@ -82,6 +82,8 @@ def test_prepare_fetches_one_linux_cp312_wheel_per_missing_package(tmp_path):
 # can take longer than that (about 430 s seen under load against the 480 s budget). These tests
 # check what the sections do, not their speed, so the CPU run gets CPU_SCALE times the room.
 CPU_SCALE = 4
+# The tiny run is set up inside the first test that uses it, under that test's timeout.
+pytestmark = pytest.mark.timeout(BUDGET_S * CPU_SCALE + 300)
 
 
 @pytest.fixture(scope="module")
