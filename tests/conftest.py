@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -234,22 +234,36 @@ def serve_api_command(port: int) -> list[str]:
 
 
 class LocalAPI:
-    """`python handler.py --rp_serve_api` as a subprocess on a free loopback port."""
+    """`handler.py` as a subprocess on a free loopback port, logging to `log_path`.
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.port = free_port()
+    By default `python handler.py --rp_serve_api` (the SDK's local API), ready once its `/docs`
+    answers. `command` runs another form on the port it is given (the load-balancing server, told
+    its `port` through `env`), and `ready=None` leaves waiting to the caller.
+    """
+
+    def __init__(
+        self,
+        env: dict[str, str],
+        log_path: Path,
+        command: Callable[[int], list[str]] | None = None,
+        ready: str | None = "/docs",
+        port: int | None = None,
+    ) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.log_file = open(log_path, "wb")  # noqa: SIM115
         self.process = subprocess.Popen(
-            serve_api_command(self.port),
+            (command or serve_api_command)(self.port),
             cwd=ROOT,
             env=env,
             stdout=self.log_file,
             stderr=subprocess.STDOUT,
         )
+        if ready is None:
+            return
         try:
-            wait_for_http(f"{self.url}/docs", self.process, seconds=120)
+            wait_for_http(f"{self.url}{ready}", self.process, seconds=120)
         except RuntimeError as err:
             self.close()
             raise RuntimeError(f"worker: {err}:\n{self.log()}") from None
@@ -274,9 +288,11 @@ class LocalAPI:
             time.sleep(0.05)
         return log
 
-    def close(self) -> None:
-        end_process(self.process)
+    def close(self, seconds: float = 20) -> int:
+        """SIGTERM (SIGKILL after `seconds`); the exit status."""
+        end_process(self.process, seconds)
         self.log_file.close()
+        return self.process.returncode
 
 
 @contextmanager

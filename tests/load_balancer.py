@@ -91,3 +91,10 @@ class GpuHold:
     def __exit__(self, *exc: object) -> None:
         self.release.set()
         self.thread.join(timeout=30)
+
+
+def post_in_background(url: str, body: dict, answers: list[requests.Response]) -> threading.Thread:
+    """POST `body` as JSON from a started thread that appends the answer to `answers`."""
+    sender = threading.Thread(target=lambda: answers.append(requests.post(url, json=body, timeout=300)))
+    sender.start()
+    return sender

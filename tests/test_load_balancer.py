@@ -22,7 +22,7 @@ import requests
 from PIL import Image
 
 from src.lb.limits import MAX_BODY
-from tests.load_balancer import GpuHold, InProcessLB, wait_until
+from tests.load_balancer import GpuHold, InProcessLB, post_in_background, wait_until
 from tests.test_openai_images import (
     FAST,
     PROMPT,
@@ -252,12 +252,7 @@ def test_a_client_that_leaves_while_waiting_in_line_frees_its_place(lb, worker):
     answers: list[requests.Response] = []
     body = json.dumps(TINY).encode()
     with GpuHold(worker):
-        running = threading.Thread(
-            target=lambda: answers.append(
-                requests.post(f"{lb.url}/v1/images/generations", json=TINY, timeout=120)
-            )
-        )
-        running.start()
+        running = post_in_background(f"{lb.url}/v1/images/generations", TINY, answers)
         wait_until(lambda: lb.in_flight == 1, "the first request to run")
         with socket.create_connection(("127.0.0.1", lb.settings.port)) as sock:
             sock.sendall(
@@ -325,12 +320,7 @@ def test_a_stop_answers_the_requests_in_flight_and_refuses_new_ones(worker):
     try:
         wait_until(lambda: requests.get(f"{server.url}/ping", timeout=5).status_code == 200, "ready")
         with GpuHold(worker):
-            sender = threading.Thread(
-                target=lambda: answers.append(
-                    requests.post(f"{server.url}/v1/images/generations", json=TINY, timeout=120)
-                )
-            )
-            sender.start()
+            sender = post_in_background(f"{server.url}/v1/images/generations", TINY, answers)
             wait_until(lambda: server.in_flight == 1, "the job to wait for the GPU")
             server.stop()
             wait_until(lambda: server.server.state.stopping, "the stop")

@@ -11,7 +11,6 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,8 +19,8 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.conftest import ROOT, free_port, worker_env
-from tests.load_balancer import wait_until
+from tests.conftest import ROOT, LocalAPI, free_port, worker_env
+from tests.load_balancer import post_in_background, wait_until
 
 START_SECONDS = 120  # imports and the tiny model's load, on a busy 2-core machine
 SLOW = {
@@ -33,40 +32,18 @@ SLOW = {
 }
 
 
-class Process:
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self.log_file = open(log_path, "wb")  # noqa: SIM115
-        self.process = subprocess.Popen(
-            [sys.executable, "handler.py"],
-            cwd=ROOT,
-            env={**env, "ENDPOINT_TYPE": "lb", "PORT": str(self.port)},
-            stdout=self.log_file,
-            stderr=subprocess.STDOUT,
-        )
+def lb_process(env: dict[str, str], log_path: Path) -> LocalAPI:
+    """`ENDPOINT_TYPE=lb python handler.py` on a free port; the caller waits for `/ping`."""
+    port = free_port()
+    lb_env = {**env, "ENDPOINT_TYPE": "lb", "PORT": str(port)}
+    return LocalAPI(lb_env, log_path, command=lambda _: [sys.executable, "handler.py"], ready=None, port=port)
 
-    def ping(self) -> int | None:
-        try:
-            return requests.get(f"{self.url}/ping", timeout=5).status_code
-        except requests.ConnectionError:
-            return None
 
-    def log(self) -> str:
-        self.log_file.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def close(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-        self.log_file.close()
-        return self.process.returncode
+def ping(process: LocalAPI) -> int | None:
+    try:
+        return requests.get(f"{process.url}/ping", timeout=5).status_code
+    except requests.ConnectionError:
+        return None
 
 
 def env_of(tiny_model: Path, **extra: str) -> dict[str, str]:
@@ -76,22 +53,22 @@ def env_of(tiny_model: Path, **extra: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def served(tiny_model, tmp_path_factory) -> Iterator[tuple[Process, list[int]]]:
+def served(tiny_model, tmp_path_factory) -> Iterator[tuple[LocalAPI, list[int]]]:
     """The process, and every /ping status seen until it was ready (it listens before loading)."""
-    process = Process(env_of(tiny_model), tmp_path_factory.mktemp("lb") / "lb.log")
+    process = lb_process(env_of(tiny_model), tmp_path_factory.mktemp("lb") / "lb.log")
     seen: list[int] = []
 
     def ready() -> bool:
         if process.process.poll() is not None:
             raise RuntimeError(f"exited with {process.process.returncode}:\n{process.log()}")
-        status = process.ping()
+        status = ping(process)
         if status is not None:
             seen.append(status)
         return status == 200
 
     wait_until(ready, "the worker to be ready", START_SECONDS)
     yield process, seen
-    process.close()
+    process.close(seconds=60)
 
 
 def test_it_listens_while_loading_and_serves_the_openai_sdk(served):
@@ -113,18 +90,13 @@ def test_it_listens_while_loading_and_serves_the_openai_sdk(served):
 def test_sigterm_mid_job_answers_it_and_exits_0(served):
     process, _ = served
     answers: list[requests.Response] = []
-    sender = threading.Thread(
-        target=lambda: answers.append(
-            requests.post(f"{process.url}/v1/images/generations", json=SLOW, timeout=300)
-        )
-    )
     started = len(process.log())
-    sender.start()
+    sender = post_in_background(f"{process.url}/v1/images/generations", SLOW, answers)
     # The job has begun once the worker logs it (after parsing, before the GPU stage).
     wait_until(lambda: "z-image-turbo, text-to-image" in process.log()[started:], "the job to begin")
     process.process.send_signal(signal.SIGTERM)
     wait_until(lambda: "stopping: 1 request(s) in flight" in process.log(), "the stop to begin")
-    assert process.ping() in (503, None)  # 503 while draining (None: it had already finished)
+    assert ping(process) in (503, None)  # 503 while draining (None: it had already finished)
     sender.join(timeout=300)
     assert process.process.wait(timeout=60) == 0, process.log()[-3000:]
     assert [answer.status_code for answer in answers] == [200] and len(answers[0].json()["data"]) == 2
@@ -140,7 +112,7 @@ def test_a_bad_setting_or_a_missing_model_stops_it_naming_why(tiny_model, tmp_pa
         timeout=120,
     )
     assert bad.returncode == 1 and "PORT: '99999' is not allowed" in bad.stdout + bad.stderr
-    missing = Process(env_of(tmp_path / "absent"), tmp_path / "missing.log")
+    missing = lb_process(env_of(tmp_path / "absent"), tmp_path / "missing.log")
     assert missing.process.wait(timeout=120) == 1
     assert "listening on port" in missing.log() and "cannot start" in missing.log()
     missing.close()

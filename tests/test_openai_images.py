@@ -30,7 +30,7 @@ from PIL import Image
 from builder.tiny_model import build_tiny_safety_checker
 from src.delivery.storage import Storage
 from src.jobs.worker import Worker
-from src.openai_images.bodies import BadBody
+from src.openai_images.bodies import BadBody, native_input
 from src.openai_images.masks import native_mask
 from src.openai_images.replies import error_object, images_response
 from src.openai_images.routes import OpenAIImages
@@ -433,6 +433,23 @@ def test_with_a_bucket_url_is_a_link_and_b64_json_skips_the_upload(worker, tmp_p
 )
 def test_native_messages_become_openai_error_objects(message, kind, param, code):
     assert error_object(message) == {"message": message, "type": kind, "param": param, "code": code}
+
+
+@pytest.mark.parametrize("route", ["/v1/images/generations", "/v1/images/edits"])
+def test_several_unknown_fields_are_each_named_and_the_allowed_ones_listed_once(route):
+    picture = {"image": "aGk="} if route.endswith("edits") else {}
+    body = {"prompt": "a", **picture, "colour": 1, "sedd": 2, "mood": 3, "lens": 4, "grain": 5}
+    with pytest.raises(BadBody) as caught:
+        native_input(route, body)
+    message = str(caught.value)
+    for key in ("colour", "sedd", "mood", "lens", "grain"):
+        assert f"{key}: unknown field" in message
+    assert "did you mean 'seed'?" in message and message.count("allowed fields:") == 1
+    assert len(message) < 700, len(message)
+    native = str(
+        pytest.raises(JobError, parse_request, {"prompt": "a", "colour": 1, "sedd": 2, "mood": 3}).value
+    )
+    assert native.count("allowed fields:") == 1 and "mood: unknown field" in native and len(native) < 500
 
 
 def test_a_job_input_holds_only_the_route_and_the_body():

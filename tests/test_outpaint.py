@@ -96,6 +96,23 @@ def test_rounding_down_cuts_the_margins_not_the_input():
     assert (mask[:, 24:216] == 0).all() and (mask[:, :24] == 255).all() and (mask[:, 216:] == 255).all()
 
 
+def test_a_scaled_canvas_is_built_at_the_output_s_size():
+    """3000x2000 with 2048 on every side is a 43 MP canvas; scaled into 2048*1760, it is built at
+    that size: numpy never holds more than a few output-sized arrays (the issue: ~110 MP held)."""
+    import tracemalloc
+
+    big = Image.fromarray(np.tile(SOURCE, (8, 16, 1))[:2000, :3000])
+    output = 2048 * 1760
+    tracemalloc.start()
+    image, mask = outpainted(big, margins(left=2048, right=2048, top=2048, bottom=2048), 2048, 1760)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert image.size == mask.size == (2048, 1760)
+    assert peak < 3 * output * 3, peak  # three RGB arrays of the output's size at most
+    inside = np.asarray(mask)[1760 // 2 - 100 : 1760 // 2 + 100, 1024 - 100 : 1024 + 100]
+    assert (inside == 0).all() and np.asarray(mask)[0, 0] == 255 == np.asarray(mask)[-1, -1]
+
+
 @pytest.mark.parametrize(
     ("sides", "size"),
     [

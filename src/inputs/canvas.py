@@ -13,10 +13,11 @@ model refines, which a flat colour would not be.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 # A canvas at most this much larger than the output on each side (the output sides are multiples
 # of src/request/sizes.py's SIDE_STEP, 16) was only rounded down by `auto`: it is cut to size, not
@@ -38,11 +39,54 @@ class Margins(Protocol):
 def outpainted(
     picture: Image.Image, margins: Margins, width: int, height: int
 ) -> tuple[Image.Image, Image.Image]:
-    """An RGB picture -> (the canvas, its mask), fitted to the output's `width` x `height`."""
+    """An RGB picture -> (the canvas, its mask), at the output's `width` x `height`.
+
+    The canvas is built at the size it is used: when `auto` scaled it, the picture is scaled
+    first and the margins are added at the output's scale, so a 40 MP input with 2048 on every
+    side never becomes a 110 MP canvas in memory.
+    """
+    across = picture.width + margins.left + margins.right
+    down = picture.height + margins.top + margins.bottom
+    share = (_share(margins.left, margins.right), _share(margins.top, margins.bottom))
+    if all(0 <= extra < ROUNDING for extra in (across - width, down - height)):
+        return _cut(*_padded(picture, margins, margins.feather), share, width, height)
+    # Scaled as ImageOps.fit would scale the whole canvas (to cover the size), then cut to it.
+    scale = max(width / across, height / down)
+    size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
+    scaled = picture.resize(size, Image.Resampling.LANCZOS)
+    pads = _Pads(
+        *_split(width - size[0], share[0], margins.left, margins.right),
+        *_split(height - size[1], share[1], margins.top, margins.bottom),
+        feather=max(1, round(margins.feather * scale)) if margins.feather else 0,
+    )
+    return _cut(*_padded(scaled, pads, pads.feather), share, width, height)
+
+
+@dataclass(frozen=True)
+class _Pads:
+    """Margins at the output's scale (a Margins)."""
+
+    left: int
+    right: int
+    top: int
+    bottom: int
+    feather: int
+
+
+def _split(extra: int, share: float, before: int, after: int) -> tuple[int, int]:
+    """The pixels of margin one axis needs at the output's scale, parted as the margins were."""
+    if extra <= 0 or not (before or after):
+        return 0, 0
+    first = round(extra * share)
+    return first, extra - first
+
+
+def _padded(picture: Image.Image, margins: Margins, feather: int) -> tuple[Image.Image, Image.Image]:
+    """The picture with its margins (edge pixels stretched) and the mask (white margins, feather)."""
     pads = ((margins.top, margins.bottom), (margins.left, margins.right))
     canvas = Image.fromarray(np.pad(np.asarray(picture), (*pads, (0, 0)), mode="edge"))
     mask = Image.fromarray(np.pad(_feathered(picture.size, margins), pads, constant_values=255))
-    return _fit(canvas, mask, margins, width, height)
+    return canvas, mask
 
 
 def _feathered(size: tuple[int, int], margins: Margins) -> np.ndarray:
@@ -67,26 +111,15 @@ def _ramp(length: int, feather: int, at_start: bool, at_end: bool) -> np.ndarray
     return ramp
 
 
-def _fit(
-    canvas: Image.Image, mask: Image.Image, margins: Margins, width: int, height: int
+def _cut(
+    canvas: Image.Image, mask: Image.Image, share: tuple[float, float], width: int, height: int
 ) -> tuple[Image.Image, Image.Image]:
-    """The canvas and mask at the output size; what is cut comes off the margins, in proportion.
-
-    A canvas within ROUNDING of the size is cut without resampling. Otherwise (`auto` scaled it)
-    both are covered and cropped as `image` and `mask` are; the mask is resampled by area (BOX),
-    so the pixels wholly inside the input stay exactly 0 and a Lanczos ripple cannot reach them.
-    """
-    share = (_share(margins.left, margins.right), _share(margins.top, margins.bottom))
+    """The canvas and mask cut to the output size, without resampling; what is cut comes off the
+    margins in proportion (a canvas larger than the size only by `auto`'s rounding, or scaled)."""
     excess = (canvas.width - width, canvas.height - height)
-    if all(0 <= extra < ROUNDING for extra in excess):
-        left, top = (int(extra * part) for extra, part in zip(excess, share, strict=True))
-        box = (left, top, left + width, top + height)
-        return canvas.crop(box), mask.crop(box)
-    size = (width, height)
-    return (
-        ImageOps.fit(canvas, size, method=Image.Resampling.LANCZOS, centering=share),
-        ImageOps.fit(mask, size, method=Image.Resampling.BOX, centering=share),
-    )
+    left, top = (int(extra * part) for extra, part in zip(excess, share, strict=True))
+    box = (left, top, left + width, top + height)
+    return canvas.crop(box), mask.crop(box)
 
 
 def _share(before: int, after: int) -> float:

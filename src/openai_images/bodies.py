@@ -9,12 +9,11 @@ judge; the fields OpenAI names differently (`n`, `output_compression`) or that o
 
 from __future__ import annotations
 
-import difflib
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from src.request.parse import joined, shown  # a body with a thousand bad keys: a few clauses
+from src.request.parse import joined, shown, unknown_field  # a body with a thousand bad keys: a few clauses
 from src.runtime.errors import JobError
 
 # Native fields without an OpenAI equivalent, accepted as they are (API.md, "OpenAI Images API").
@@ -145,7 +144,9 @@ def native_input(route: str, body: Any) -> tuple[dict[str, Any], GenerationField
     model, passed = ROUTES[route]
     allowed = tuple(dict.fromkeys(("prompt", *model.model_fields, *passed)))
     # (field, message) for every problem, unknown keys first.
-    problems = [(key, _unknown(key, allowed)) for key in body if key not in allowed]
+    # The allowed fields are listed once, in the first unknown key's clause.
+    unknown = [key for key in body if key not in allowed]
+    problems = [(key, unknown_field(key, allowed, i == 0, shown_key)) for i, key in enumerate(unknown)]
     fields: GenerationFields | None = None
     try:
         fields = model.model_validate(body)
@@ -173,12 +174,6 @@ def native_input(route: str, body: Any) -> tuple[dict[str, Any], GenerationField
     else:
         native["size"] = size or "1024x1024"
     return native, fields
-
-
-def _unknown(key: str, allowed: tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)
-    hint = f"did you mean '{close[0]}'? " if close else ""
-    return f"{shown_key(key)}: unknown field; {hint}allowed fields: {', '.join(allowed)}"
 
 
 def shown_key(key: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -28,9 +29,11 @@ def parse_request(raw: Any) -> GenerateRequest:
         return GenerateRequest.model_validate(raw)
     except ValidationError as err:
         errors = err.errors()
-        raise JobError(
-            joined([_describe(error, raw) for error in errors[:MAX_PROBLEMS]], len(errors))
-        ) from None
+        # The allowed fields are listed once, in the first unknown field's clause.
+        unknown = [i for i, error in enumerate(errors) if error["type"] == "extra_forbidden"]
+        first = unknown[0] if unknown else -1
+        clauses = [_describe(error, raw, listed=i == first) for i, error in enumerate(errors[:MAX_PROBLEMS])]
+        raise JobError(joined(clauses, len(errors))) from None
 
 
 def joined(problems: list[str], total: int) -> str:
@@ -41,7 +44,21 @@ def joined(problems: list[str], total: int) -> str:
     return "; ".join(clauses)
 
 
-def _describe(error: Any, raw: dict) -> str:
+def unknown_field(
+    key: str,
+    allowed: list[str] | tuple[str, ...],
+    listed: bool = True,
+    show: Callable[[str], str] | None = None,
+) -> str:
+    """An unknown key's clause: the key as `show` shows it, the nearest allowed name, and, when
+    `listed` (once per message, so five unknown keys do not repeat a list of forty), every allowed one."""
+    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    every = f"{' ' if close else '; '}allowed fields: {', '.join(allowed)}" if listed else ""
+    return f"{(show or shown_key)(key)}: unknown field{hint}{every}"
+
+
+def _describe(error: Any, raw: dict, listed: bool = True) -> str:
     """One pydantic error -> 'field: what arrived is not allowed: what is allowed'."""
     field = str(error["loc"][0]) if error["loc"] else ""
     if field == "loras" and len(error["loc"]) > 1:
@@ -49,9 +66,7 @@ def _describe(error: Any, raw: dict) -> str:
     if field == "outpaint" and (len(error["loc"]) > 1 or error["type"] == "value_error"):
         return _describe_part(error, "outpaint", raw["outpaint"], Outpaint)
     if error["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(field, FIELDS, n=1, cutoff=0.5)
-        hint = f"did you mean '{close[0]}'? " if close else ""
-        return f"{shown_key(field)}: unknown field; {hint}allowed fields: {', '.join(FIELDS)}"
+        return unknown_field(field, list(FIELDS), listed)
     if error["type"] == "missing":
         return f"{field}: required; send {FIELDS[field].description}"
     if not field:  # a rule across fields (model validator)
