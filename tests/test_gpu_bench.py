@@ -94,7 +94,7 @@ def tiny_run(tmp_path_factory) -> Path:
     env = {
         "OUT": str(out),
         "GPU_BENCH_WORK": str(tmp_path_factory.mktemp("gpu-bench-work")),
-        "GPU_BENCH_SIZES": "512*512",
+        "GPU_BENCH_SIZES": "256*256",
         "GPU_BENCH_RUNS": "1",
         "GPU_BENCH_FAIL": "attention",
         "GPU_BENCH_HANG": "machine",
@@ -123,7 +123,7 @@ def test_sections_measure_what_they_name(tiny_run):
     by = {(row["section"], row.get("step") or row.get("mode") or row.get("variant") or row.get("size")): row
           for row in rows}  # fmt: skip
     assert by[("load", "cold_start")]["process_start_to_ready_s"] > 0
-    t2i = by[("text_to_image", "512*512")]
+    t2i = by[("text_to_image", "256*256")]
     assert t2i["total_ms"] > t2i["denoise_ms"] > 0 and t2i["bare_diffusers_ms"] > 0
     # On the CPU the worker declines both options, and says so; the pixels are bf16's own.
     for variant in ("fp8", "compile"):
