@@ -55,6 +55,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))
 
+
 from builder.tiny_model import build_tiny_safety_checker, build_tiny_zimage  # noqa: E402
 from src.jobs.worker import Worker  # noqa: E402
 from src.runtime.settings import Settings  # noqa: E402
