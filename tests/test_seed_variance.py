@@ -23,7 +23,7 @@ from src.openai_images.routes import OpenAIImages
 from src.request.parse import parse_request
 from src.request.seed_variance import SeedVariance
 from src.runtime.errors import JobError
-from tests.conftest import data_uri_of, decode_data_uri, handle_job
+from tests.conftest import data_uri_of, decode_data_uri, handle_job, png_bytes
 from tests.test_openai_images import Gateway
 
 PROMPT = "a lighthouse on a rocky coast at dusk, detailed"
@@ -88,6 +88,12 @@ def fed(worker: Worker, **fields) -> tuple[dict, list[list[torch.Tensor]]]:
         return output(worker, **fields), steps
     finally:
         hook.remove()
+
+
+@pytest.fixture(scope="module")
+def plain(worker: Worker) -> dict:
+    """JOB without the field: what every "off" setting must give, byte for byte."""
+    return output(worker)
 
 
 @pytest.fixture(scope="module")
@@ -163,17 +169,17 @@ def test_the_noisy_embeddings_are_used_while_i_over_n_is_below_until():
     "setting",
     [{"strength": 0.0}, {"strength": 2.0, "fraction": 0.0}, {"strength": 2.0, "until": 0.0}],
 )
-def test_off_is_the_bytes_of_a_request_without_the_field(worker, setting):
-    assert output(worker, seed_variance=setting)["image_url"] == output(worker)["image_url"]
+def test_off_is_the_bytes_of_a_request_without_the_field(worker, plain, setting):
+    assert output(worker, seed_variance=setting)["image_url"] == plain["image_url"]
 
 
-def test_until_1_is_diffusers_with_the_noisy_embeddings(worker, clean):
+def test_until_1_is_diffusers_with_the_noisy_embeddings(worker, clean, plain):
     result, steps = fed(worker, seed_variance=VARIED)
     varied = noisy(clean, JOB["seed"], VARIED["strength"], VARIED["fraction"])
     assert len(steps) == 2 and all(torch.equal(step[0], varied) for step in steps)  # E', exactly
     expected = diffusers_pixels(worker.generator.text_to_image, clean, varied, until=1.0)
     assert np.abs(images(result)[0] - expected).max() <= 2
-    assert np.abs(images(result)[0] - images(output(worker))[0]).max() > 10  # it does change the picture
+    assert np.abs(images(result)[0] - images(plain)[0]).max() > 10  # it does change the picture
 
 
 def test_the_clean_embeddings_come_back_at_the_step_the_rule_names(worker, clean):
@@ -207,6 +213,19 @@ def test_image_i_is_the_single_request_with_seed_plus_i_and_repeats(worker, clea
     assert output(worker, num_images=2, seed_variance=setting)["images"] == batch["images"]
 
 
+def test_with_guidance_the_negative_prompt_s_embeddings_are_never_changed(worker, clean):
+    # The base model's way (guidance with a negative prompt), on Turbo's weights: one E' per image,
+    # then the negative prompt's E for each image, as diffusers concatenates them.
+    negative = worker.generator.prompts.embed("blurry")
+    fields = {"guidance_scale": 2.0, "negative_prompt": "blurry", "num_images": 2}
+    _, steps = fed(worker, **fields, seed_variance={"strength": 1.0, "until": 1.0})
+    varied = [noisy(clean, JOB["seed"] + i, 1.0, 0.5) for i in range(2)]
+    for step in steps:
+        assert [torch.equal(a, b) for a, b in zip(step, [*varied, negative, negative], strict=True)] == [
+            True
+        ] * 4
+
+
 def test_the_prompt_cache_keeps_the_clean_embeddings_and_encodes_once(worker, monkeypatch):
     prompts = worker.generator.prompts
     encoder = prompts.pipe.encode_prompt
@@ -238,6 +257,23 @@ def test_image_to_image_counts_the_steps_it_runs(worker, clean):
     )
     assert np.abs(images(result)[0] - expected).max() <= 2
     assert np.abs(images(result)[0] - images(output(worker, **fields))[0]).max() > 10
+
+
+def test_inpainting_switches_within_the_steps_it_runs(worker, clean):
+    source = data_uri_of(png_bytes((256, 256), (40, 160, 90)))
+    mask = Image.new("L", (256, 256), 0)
+    mask.paste(255, (64, 64, 192, 192))
+    buffer = io.BytesIO()
+    mask.save(buffer, format="PNG")
+    fields = {
+        "image": source,
+        "mask": data_uri_of(buffer.getvalue()),
+        "strength": 0.5,
+        "num_inference_steps": 4,
+    }
+    _, steps = fed(worker, **fields, seed_variance={"strength": 2.0, "until": 0.5})
+    assert [torch.equal(step[0], noisy(clean, JOB["seed"], 2.0, 0.5)) for step in steps] == [True, False]
+    assert torch.equal(steps[1][0], clean)
 
 
 # ---------------------------------------------------------------------- the edges
