@@ -141,6 +141,22 @@ near_rules = {
             [16],
         ]
     ),
+    "seed_variance": st.sampled_from(
+        [
+            {"strength": 0.5},
+            {"strength": 2, "fraction": 1, "until": 1.0},
+            {"strength": 0.0, "until": 0.5},
+            {},
+            {"strength": 4.5},
+            {"strength": "1"},
+            {"strength": True},
+            {"strength": 1, "fraction": 1.5},
+            {"strength": 1, "until": math.nan},
+            {"strength": 1, "steps": 2},
+            None,
+            0.5,
+        ]
+    ),
 }
 field_values = st.sampled_from(list(FIELDS)).flatmap(
     lambda name: st.tuples(st.just(name), near_rules[name] | json_values)
@@ -168,8 +184,8 @@ def assert_actionable(message: str, raw: object) -> None:
     names = {"input", *FIELDS, *keys, *(repr(k[:40]) + ("..." if len(k) > 40 else "") for k in keys)}
     # An entry of `loras` is named by its index (and key): `loras[0].path: ...`.
     lora_entry = re.match(r"loras\[\d+\](\.\w+)?: ", message) is not None
-    # A key of `outpaint` is named inside it: `outpaint.left: ...`.
-    lora_entry |= re.match(r"outpaint\.\S+: ", message) is not None
+    # A key of `outpaint` or `seed_variance` is named inside it: `outpaint.left: ...`.
+    lora_entry |= re.match(r"(outpaint|seed_variance)\.\S+: ", message) is not None
     assert lora_entry or any(message.startswith(f"{name}:") for name in names), message[:200]
 
 
@@ -192,6 +208,10 @@ def assert_sound(request: GenerateRequest) -> None:
     assert request.image is not None or "strength" not in request.model_fields_set
     assert request.image is not None or request.mask is None
     assert request.acceleration in ACCELERATION_LEVELS
+    if request.seed_variance is not None:
+        for key, top in (("strength", 4.0), ("fraction", 1.0), ("until", 1.0)):
+            value = getattr(request.seed_variance, key)
+            assert type(value) is float and 0.0 <= value <= top
 
 
 # ----------------------------------------------------------------- the request model

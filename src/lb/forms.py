@@ -3,8 +3,9 @@
 Files become bare base64 (`image` or `image[]`, `mask`, any other picture field) and go to the
 one picture loader as a JSON body's would; nothing is written to disk. Text fields take the type
 their field declares (src/openai_images/bodies.py, src/request/schema.py): digits are numbers,
-`true`/`false` booleans, `loras` and `outpaint` JSON; anything else stays text, so the adapter's
-and the native request's own checks judge every value and name the field, as for JSON bodies.
+`true`/`false` booleans, `loras` and the objects (`outpaint`, `seed_variance`) JSON; anything else
+stays text, so the adapter's and the native request's own checks judge every value and name the
+field, as for JSON bodies.
 """
 
 from __future__ import annotations

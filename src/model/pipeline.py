@@ -27,6 +27,7 @@ from src.model.modes import MODES, Mode, mode_of
 from src.model.pixels import to_bytes
 from src.model.placement import is_cast
 from src.model.prompts import PromptEncoder
+from src.model.seed_variance import with_seed_variance
 from src.request.schema import PRESET_SIZES, GenerateRequest
 from src.runtime.timing import Stopwatch
 
@@ -222,13 +223,12 @@ class ZImageGenerator:
                     on_step(index * total + step + 1, len(starts) * total)
                 return {}
 
-            # One generator per image, seeded seed + i: image i of a batch is the image a
-            # single request with that seed makes, however the batch is split.
+            # One seed per image, seed + i (its generator, its seed variety): image i of a batch
+            # is the image a single request with that seed makes, however the batch is split.
             seeds = [(seed + i) % 2**32 for i in range(first, first + count)]
-            generators = [torch.Generator(self.device).manual_seed(value) for value in seeds]
             part = request.model_copy(update={"num_images": count})
             embeds = (prompt_embeds, negative_embeds)
-            latents = self._denoise(pipe, mode, part, inputs, generators, step_end, embeds)
+            latents = self._denoise(pipe, mode, part, inputs, seeds, step_end, embeds)
             clock.lap("denoise")
             parts.append(self._decode(pipe, mode, request, inputs, latents))
             clock.lap("decode")
@@ -240,7 +240,7 @@ class ZImageGenerator:
         mode: Mode,
         request: GenerateRequest,
         inputs: Inputs,
-        generators: list[torch.Generator],
+        seeds: list[int],
         step_end: Callable,
         embeds: tuple[list[torch.Tensor], list[torch.Tensor] | None],
     ) -> torch.Tensor:
@@ -253,10 +253,12 @@ class ZImageGenerator:
             num_inference_steps=request.num_inference_steps,
             guidance_scale=request.guidance_scale,
             num_images_per_prompt=request.num_images,
-            generator=generators,
+            generator=[torch.Generator(self.device).manual_seed(value) for value in seeds],
             output_type="latent",
             callback_on_step_end=step_end,
         )
+        # Seed variety: each image's own noisy prompt embeddings, until the step that drops them.
+        kwargs = with_seed_variance(request.seed_variance, kwargs, seeds)
         # The request's acceleration level, on this pipeline call only (src/model/acceleration.py).
         extra = mode.arguments(inputs, request)
         schedule = LEVELS[request.model][request.acceleration]

@@ -31,6 +31,7 @@ EXTENSIONS = (
     "control_scale",
     "control_start",
     "control_end",
+    "seed_variance",
 )
 # OpenAI fields that are native fields too, under the same name and rule.
 SHARED = ("prompt", "model", "output_format")

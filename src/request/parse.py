@@ -16,9 +16,12 @@ from pydantic import BaseModel, ValidationError
 from src.lora.files import shown_path
 from src.request.outpaint import Outpaint
 from src.request.schema import FIELDS, GenerateRequest, LoraSpec
+from src.request.seed_variance import SeedVariance
 from src.runtime.errors import JobError
 
 MAX_PROBLEMS = 5
+# The object fields whose errors are named `<field>.<key>`.
+OBJECTS: dict[str, type[BaseModel]] = {"outpaint": Outpaint, "seed_variance": SeedVariance}
 
 
 def parse_request(raw: Any) -> GenerateRequest:
@@ -63,8 +66,8 @@ def _describe(error: Any, raw: dict, listed: bool = True) -> str:
     field = str(error["loc"][0]) if error["loc"] else ""
     if field == "loras" and len(error["loc"]) > 1:
         return _describe_lora(error, raw)
-    if field == "outpaint" and (len(error["loc"]) > 1 or error["type"] == "value_error"):
-        return _describe_part(error, "outpaint", raw["outpaint"], Outpaint)
+    if field in OBJECTS and (len(error["loc"]) > 1 or error["type"] == "value_error"):
+        return _describe_part(error, field, raw[field], OBJECTS[field])
     if error["type"] == "extra_forbidden":
         return unknown_field(field, list(FIELDS), listed)
     if error["type"] == "missing":
@@ -85,7 +88,7 @@ def _describe_lora(error: Any, raw: dict) -> str:
 
 
 def _describe_part(error: Any, name: str, entry: dict, model: type[BaseModel]) -> str:
-    """An error inside an object field (`outpaint`, an entry of `loras`), named `<name>.<key>`."""
+    """An error inside an object field (OBJECTS, an entry of `loras`), named `<name>.<key>`."""
     key = str(error["loc"][1]) if len(error["loc"]) > 1 else ""
     if error["type"] == "extra_forbidden":
         return f"{name}.{shown_key(key)}: unknown field; allowed fields: {', '.join(model.model_fields)}"

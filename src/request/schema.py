@@ -21,6 +21,7 @@ from pydantic import (
 from src.lora.files import LORA_PATH_RULE, MAX_LORAS, check_lora_path, shown_path
 from src.request.models import DEFAULT_MODEL, MAX_STEPS, MODELS
 from src.request.outpaint import OUTPAINT_DEFAULTS, Outpaint
+from src.request.seed_variance import SeedVariance
 from src.request.sizes import AUTO, AUTO_SOURCES, SIZE_RULE, auto_size, parse_size
 from src.request.sizes import MAX_SIDE as MAX_SIDE
 from src.request.sizes import MIN_SIDE as MIN_SIDE
@@ -173,6 +174,10 @@ class GenerateRequest(BaseModel):
         default=None,
         description='an object {"left", "right", "top", "bottom", "feather"} of integers '
         "(with 'image' only)",
+    )
+    # Noise on the prompt's embeddings, seeded per image, in the first steps (src/model/seed_variance.py).
+    seed_variance: SeedVariance | None = Field(
+        default=None, description='an object {"strength", "fraction", "until"} of numbers'
     )
     # Rewritten by the worker's language model before encoding (src/model/expander.py).
     enable_prompt_expansion: bool = Field(
