@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 from collections import namedtuple
 from dataclasses import replace
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 from src.jobs import fitness
 from src.jobs.fitness import Unfit, device_computes, lora_cache_fits, model_folders
 from src.runtime.settings import Settings
-from tests.conftest import end_process, worker_env
+from tests.conftest import ROOT, end_process, worker_env
 from tests.loopback_servers import JobQueue, deployed_worker
 
 START_SECONDS = 180  # four workers' imports side by side, on a busy 2-core machine
@@ -175,3 +176,15 @@ def test_the_model_files_checked_are_those_the_settings_load(tiny_model: Path):
         "ZIMAGE_MODEL",
         "SAFETY_CHECKER_MODEL",
     ]
+
+
+def test_the_image_asks_the_sdk_for_the_cuda_its_torch_needs():
+    """The Dockerfile's RUNPOD_MIN_CUDA_VERSION (the SDK's driver check) is the CUDA of the lock's
+    torch build (its cuda-toolkit) and of the base image."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    lock = (ROOT / "locks" / "worker-cuda.txt").read_text()
+    toolkit = re.search(r"^cuda-toolkit==(\d+\.\d+)\.", lock, re.MULTILINE)
+    wanted = re.search(r"RUNPOD_MIN_CUDA_VERSION=(\d+\.\d+)\s", dockerfile)
+    base = re.search(r"^FROM nvidia/cuda:(\d+\.\d+)\.", dockerfile, re.MULTILINE)
+    assert toolkit and wanted and base
+    assert wanted[1] == toolkit[1] == base[1]
