@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections.abc import Iterator
 from urllib.parse import parse_qsl, urlsplit
 
@@ -201,3 +202,24 @@ def test_a_load_balancing_runsync_takes_s3config_beside_input(worker, store, mon
         assert CUSTOMER_SECRET not in refused.text
     finally:
         assert server.close() == 0
+
+
+def test_the_docs_examples_are_valid_jobs_with_every_s3config_key():
+    from src.delivery.buckets import S3_CONFIG_KEYS
+    from src.request.parse import parse_request
+    from tests.conftest import ROOT
+
+    reference = (ROOT / "docs" / "reference.md").read_text()
+    storage = (ROOT / "docs" / "storage.md").read_text()
+    examples = [
+        json.loads(line)
+        for line in reference.splitlines()
+        if line.startswith('{"input"') and "s3Config" in line
+    ]
+    examples += [
+        json.loads(block) for block in re.findall(r"```json\n(\{\n.*?\n\})\n```", storage, re.DOTALL)
+    ]
+    assert len(examples) == 2
+    for example in examples:
+        parse_request(example["input"])
+        assert list(example["s3Config"]) == list(S3_CONFIG_KEYS)
