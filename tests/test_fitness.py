@@ -188,3 +188,20 @@ def test_the_image_asks_the_sdk_for_the_cuda_its_torch_needs():
     base = re.search(r"^FROM nvidia/cuda:(\d+\.\d+)\.", dockerfile, re.MULTILINE)
     assert toolkit and wanted and base
     assert wanted[1] == toolkit[1] == base[1]
+
+
+def test_registered_the_cheap_checks_come_first_then_the_sdk_s_own_then_the_weights(monkeypatch):
+    from runpod.serverless.modules import rp_fitness
+
+    monkeypatch.setenv("RUNPOD_SKIP_GPU_CHECK", "true")  # no GPU here: its test would find none
+    monkeypatch.delenv("RUNPOD_SKIP_AUTO_SYSTEM_CHECKS", raising=False)
+    rp_fitness.clear_fitness_checks()
+    rp_fitness._reset_registration_state()
+    try:
+        fitness.Start({}, lambda worker: worker, 0.0).register()
+        names = [check.__name__ for check in rp_fitness._fitness_checks]
+    finally:  # registered, never run
+        rp_fitness.clear_fitness_checks()
+        rp_fitness._reset_registration_state()
+    assert names[:4] == ["settings", "model_files", "gpu", "disk"] and names[-1] == "weights"
+    assert {"_memory_check", "_disk_check", "_network_check"} <= set(names[4:-1])
