@@ -5,12 +5,13 @@
     python handler.py --rp_serve_api --rp_api_port 8000 # local /runsync, /run, /status
     ENDPOINT_TYPE=lb PORT=8000 python handler.py        # a load-balancing endpoint's HTTP server
 
-Deployed, this file is the container's command: the weights load once, before the
-first job is taken, then the Runpod SDK's job loop (src/jobs/job_loop.py) keeps up to
-MAX_CONCURRENCY jobs in flight. A job whose input carries `openai_route` speaks OpenAI's Images
-API (src/openai_images/). With ENDPOINT_TYPE=lb the same worker is instead an HTTP server that
-clients reach directly (src/lb/, docs/load-balancing.md). The work lives in src/ (see
-docs/architecture.md).
+Deployed, this file is the container's command: the start's fitness checks run (settings, model
+files, GPU, disk: src/jobs/fitness.py; a failure is reported to Runpod as an unhealthy worker),
+the weights load once, before the first job is taken, then the Runpod SDK's job loop
+(src/jobs/job_loop.py) keeps up to MAX_CONCURRENCY jobs in flight. A job whose input carries
+`openai_route` speaks OpenAI's Images API (src/openai_images/). With ENDPOINT_TYPE=lb the same
+worker is instead an HTTP server that clients reach directly (src/lb/, docs/load-balancing.md).
+The work lives in src/ (see docs/architecture.md).
 """
 
 import gc
