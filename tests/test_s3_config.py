@@ -184,6 +184,20 @@ def test_the_bucket_s_secrets_stay_out_of_its_repr(store):
     assert CUSTOMER_SECRET not in shown and CUSTOMER_KEY not in shown and CUSTOMER_BUCKET in shown
 
 
+def test_the_log_redacts_the_recent_jobs_keys_and_the_worker_s_own_for_good():
+    from src.runtime import logs
+
+    logs.add_secret("worker-own-secret-0001")
+    keys = [f"job-secret-{i:04d}" for i in range(logs.JOB_SECRETS_KEPT + 36)]
+    for key in keys:
+        logs.add_secret(key, job=True)
+    line = " ".join(["worker-own-secret-0001", *keys])
+    shown = logs.redact(line).split()
+    assert shown[0] == "<redacted>"  # the settings' keys stay redacted however many jobs came
+    assert shown[1:37] == keys[:36]  # the oldest job keys are no longer checked: a bounded list
+    assert set(shown[37:]) == {"<redacted>"}  # every job in flight is among the recent 64
+
+
 def test_a_load_balancing_runsync_takes_s3config_beside_input(worker, store, monkeypatch):
     monkeypatch.setenv("RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS", "1")
     server = InProcessLB(lambda: worker, max_concurrency=1)

@@ -106,8 +106,8 @@ def job_bucket(s3_config: Any) -> Bucket:
             )
         values[attribute] = value.strip()
     # Before anything can fail and be logged with them.
-    add_secret(values["access_key_id"])
-    add_secret(values["secret_access_key"])
+    add_secret(values["access_key_id"], job=True)
+    add_secret(values["secret_access_key"], job=True)
     if not BUCKET_NAME.fullmatch(values["name"]):
         raise JobError(
             f"s3Config.bucketName: {values['name'][:70]!r} is not a bucket name: use 3 to 63 lowercase "
