@@ -16,7 +16,12 @@
 # driver >= 580 (the Hub entry allows CUDA 13.0 only).
 FROM nvidia/cuda:13.0.2-base-ubuntu24.04
 
-ENV DEBIAN_FRONTEND=noninteractive \
+# RUNPOD_MIN_CUDA_VERSION: the CUDA that torch's wheels need (13.0, the lock's cuda-toolkit). The
+# Runpod SDK's start-up check compares the host driver's CUDA with it and reports an older one
+# as an unhealthy worker, so Runpod replaces the machine instead of restarting a worker that
+# could never run a kernel (docs/deploy.md, "An unhealthy worker").
+ENV RUNPOD_MIN_CUDA_VERSION=13.0 \
+    DEBIAN_FRONTEND=noninteractive \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \

@@ -5,12 +5,13 @@
     python handler.py --rp_serve_api --rp_api_port 8000 # local /runsync, /run, /status
     ENDPOINT_TYPE=lb PORT=8000 python handler.py        # a load-balancing endpoint's HTTP server
 
-Deployed, this file is the container's command: the weights load once, before the
-first job is taken, then the Runpod SDK's job loop (src/jobs/job_loop.py) keeps up to
-MAX_CONCURRENCY jobs in flight. A job whose input carries `openai_route` speaks OpenAI's Images
-API (src/openai_images/). With ENDPOINT_TYPE=lb the same worker is instead an HTTP server that
-clients reach directly (src/lb/, docs/load-balancing.md). The work lives in src/ (see
-docs/architecture.md).
+Deployed, this file is the container's command: the start's fitness checks run (settings, model
+files, GPU, disk: src/jobs/fitness.py; a failure is reported to Runpod as an unhealthy worker),
+the weights load once, before the first job is taken, then the Runpod SDK's job loop
+(src/jobs/job_loop.py) keeps up to MAX_CONCURRENCY jobs in flight. A job whose input carries
+`openai_route` speaks OpenAI's Images API (src/openai_images/). With ENDPOINT_TYPE=lb the same
+worker is instead an HTTP server that clients reach directly (src/lb/, docs/load-balancing.md).
+The work lives in src/ (see docs/architecture.md).
 """
 
 import gc
@@ -33,13 +34,11 @@ from src.runtime.sdk_import import lean_sdk_import  # noqa: E402
 with lean_sdk_import():
     import runpod  # noqa: E402, F401
 
-from src.jobs.job_loop import serve  # noqa: E402
-from src.jobs.worker import Worker  # noqa: E402
-from src.model.files import ModelNotFound  # noqa: E402
-from src.model.safety import SafetyModelError  # noqa: E402
+from src.jobs.fitness import EXPECTED, Start  # noqa: E402
+from src.jobs.job_loop import runs_fitness_checks, serve  # noqa: E402
 from src.openai_images.routes import OpenAIImages  # noqa: E402
-from src.runtime.logs import add_secret, configure_logging  # noqa: E402
-from src.runtime.settings import Settings, SettingsError  # noqa: E402
+from src.runtime.logs import configure_logging  # noqa: E402
+from src.runtime.settings import Settings  # noqa: E402
 
 gc.freeze()
 gc.enable()
@@ -50,34 +49,24 @@ log = logging.getLogger("src.handler")
 def main() -> None:
     configure_logging()
     log.info("imports took %.0f ms", (time.perf_counter() - STARTED) * 1000)
-    try:
-        settings = Settings.from_env(os.environ)
-        add_secret(settings.bucket_access_key_id)
-        add_secret(settings.bucket_secret_access_key)
-        add_secret(settings.worker_api_key)
-        if settings.endpoint_type == "lb":
-            serve_load_balanced(settings)  # listens first, loads meanwhile; does not return
-        worker = Worker.start(settings)
-        gc.freeze()  # and the model's objects too
-    except (SettingsError, ModelNotFound, SafetyModelError) as err:
-        log.error("cannot start: %s", err)
-        sys.exit(1)
-    log.info("cold start: %.0f ms from process start to taking jobs", (time.perf_counter() - STARTED) * 1000)
     # Jobs with `openai_route` speak OpenAI's Images API (docs/openai.md); the rest are native.
-    serve(
-        OpenAIImages(worker).handle,
-        settings.max_concurrency,
-        stop_taking_jobs=lambda: worker.gpu.faulted,
-        delivery=worker.delivery,
-    )
+    start = Start(os.environ, OpenAIImages, STARTED)  # settings, model files, GPU, disk, weights
+    if start.config is not None and start.config.endpoint_type == "lb":
+        serve_load_balanced(start, start.config)  # listens first, loads meanwhile; does not return
+    if runs_fitness_checks():
+        start.register()  # deployed: the SDK's fitness phase runs the parts and reports a failure
+    elif not start.run():  # locally: the same parts, here; a failure is printed
+        sys.exit(1)
+    serve(start.handle, start.loaded)
 
 
-def serve_load_balanced(settings: Settings) -> None:
+def serve_load_balanced(start: Start, settings: Settings) -> None:
     """ENDPOINT_TYPE=lb: the HTTP server. Imported only here: the queue worker's cold start skips
-    uvicorn and Starlette (tests/test_cold_start.py)."""
+    uvicorn and Starlette (tests/test_cold_start.py). A start that fails is logged, /ping answers
+    503 and the process exits 1 (no SDK job loop, so no fitness phase)."""
     from src.lb.server import serve_http
 
-    sys.exit(serve_http(settings, lambda: Worker.start(settings), (ModelNotFound, SafetyModelError)))
+    sys.exit(serve_http(settings, start.load, EXPECTED))
 
 
 if __name__ == "__main__":

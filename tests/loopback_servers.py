@@ -188,6 +188,8 @@ class JobQueue:
     It records when each job was taken and finished, every progress update per job, every
     result, and when each request came (`requests`: time and kind: take, stop, ping,
     progress, done), so tests and the benchmark read the worker's behaviour from outside.
+    Every ping's worker and query are kept too (`ping_queries`): an unfit worker's one report
+    is a ping with status=unhealthy, the failed check's name and its reason.
 
     Faults: while `fault` is set, job-take, the stop channel and the heartbeat answer it
     instead (the API is down); while `done_fault` is set, job-done posts do.
@@ -203,6 +205,7 @@ class JobQueue:
         self.progress: dict[str, list[dict]] = {}
         self.take_requests: list[str] = []
         self.pings = 0
+        self.ping_queries: list[tuple[str, dict[str, str]]] = []  # (worker id, query)
         self.stops: list[str] = []
         self.requests: list[tuple[float, str]] = []
         self.fault: Answer | None = None
@@ -233,6 +236,8 @@ class JobQueue:
                 if "/ping/" in path:
                     with queue.lock:
                         queue.pings += 1
+                        worker = path.rstrip("/").rsplit("/", 1)[-1]
+                        queue.ping_queries.append((worker, {k: v[-1] for k, v in query.items()}))
                         queue.lock.notify_all()
                     return self._answer(200, {})
                 self._answer(404)

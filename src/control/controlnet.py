@@ -56,7 +56,7 @@ def load_controlnet(
     setting: str, transformer: ZImageTransformer2DModel, dtype: torch.dtype, roots: SearchRoots | None = None
 ) -> ZImageControlNetModel:
     """The ControlNet the setting names, in `dtype`, checked to fit `transformer`."""
-    where = _find(setting, roots)
+    where = find_controlnet(setting, roots)
     if where.is_dir() and (where / "config.json").is_file():
         controlnet, version = _from_folder(where, transformer.config, dtype), "diffusers folder"
     else:
@@ -125,7 +125,7 @@ def repo_and_file(setting: str) -> tuple[str, str] | None:
     return None
 
 
-def _find(setting: str, roots: SearchRoots | None) -> Path:
+def find_controlnet(setting: str, roots: SearchRoots | None) -> Path:
     named = repo_and_file(setting)
     if named is not None:
         repo, file = named

@@ -1,6 +1,8 @@
 """S3-compatible storage: upload each returned image and hand back a 7-day presigned GET URL.
 
-One boto3 client per worker, made at start. Works with AWS S3, Cloudflare R2, MinIO,
+One boto3 client per bucket's credentials (src/delivery/buckets.py): the worker's own is made
+at start; a job's `s3Config` gets one made on its first job and reused by later jobs with the
+same credentials, a few such kept (least recently used dropped). Works with AWS S3, Cloudflare R2, MinIO,
 Backblaze B2 and Google Cloud Storage's XML API:
 - region (what SigV4 signs with): `BUCKET_REGION`, else the one in an AWS or B2 endpoint
   host, `auto` for R2 and GCS (what their own SDK examples and Google's signers use), else
@@ -22,7 +24,9 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import uuid
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
@@ -30,6 +34,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, ReadTimeoutError
 
+from src.delivery.buckets import Bucket
 from src.delivery.encoding import MIME_TYPES
 from src.runtime.errors import JobError
 from src.runtime.gpu import JobStopped, Stop
@@ -89,19 +94,21 @@ class Storage:
     read_timeout = 15.0  # seconds a socket may wait on the store; a 1024x1024 PNG is a few MB
     upload_threads = 4  # num_images is at most 4: one thread each, so they go up together
 
-    def __init__(self, settings: Settings) -> None:
-        endpoint = settings.bucket_endpoint_url or ""
+    def __init__(self, target: Settings | Bucket) -> None:
+        credentials = target if isinstance(target, Bucket) else Bucket.of(target)
+        endpoint = credentials.endpoint_url
         parsed = urlparse(endpoint)
-        self.bucket = settings.bucket_name
+        self.bucket = credentials.name
+        self.names = credentials.names
         # Only host and port are ever shown: a URL could carry user:password@.
         self.host = f"{parsed.hostname}:{parsed.port}" if parsed.port else str(parsed.hostname)
-        region = region_for(endpoint, settings.bucket_region)
-        addressing = addressing_for(endpoint, settings.bucket_addressing_style, self.bucket)
+        region = region_for(endpoint, credentials.region)
+        addressing = addressing_for(endpoint, credentials.addressing_style, self.bucket)
         self.client = boto3.session.Session().client(
             "s3",
             endpoint_url=endpoint,
-            aws_access_key_id=settings.bucket_access_key_id,
-            aws_secret_access_key=settings.bucket_secret_access_key,
+            aws_access_key_id=credentials.access_key_id,
+            aws_secret_access_key=credentials.secret_access_key,
             region_name=region,
             config=Config(
                 signature_version="s3v4",
@@ -168,27 +175,53 @@ class Storage:
             meta = err.response.get("ResponseMetadata", {})
             what = f"{code}, HTTP {meta.get('HTTPStatusCode', '?')}"
             attempts = meta.get("RetryAttempts", 0) + 1
+            names = self.names
             if code == "NoSuchBucket":
-                return f"the bucket does not exist ({what}); create it or set BUCKET_NAME to one that does"
+                return f"the bucket does not exist ({what}); create it or set {names.bucket} to one that does"
             if code in _REFUSED:
                 return (
-                    f"the store refused the credentials ({what}); check BUCKET_ACCESS_KEY_ID and "
-                    "BUCKET_SECRET_ACCESS_KEY, and that the key may write to this bucket"
+                    f"the store refused the credentials ({what}); check {names.key_id} and "
+                    f"{names.secret}, and that the key may write to this bucket"
                 )
             if code in _WRONG_REGION:
-                return f"the bucket is in another region ({what}); set BUCKET_REGION to the bucket's region"
+                return f"the bucket is in another region ({what}); {names.region_fix}"
             return f"the store answered {what} after {attempts} attempt(s)"
         if isinstance(err, (ConnectTimeoutError, ReadTimeoutError)):
             return (
                 f"the store did not answer in time ({type(err).__name__}, up to {self.max_attempts} "
-                "attempts); check that BUCKET_ENDPOINT_URL is reachable from the worker"
+                f"attempts); check that {self.names.endpoint} is reachable from the worker"
             )
         if isinstance(err, BotoCoreError):
             return (
                 f"could not reach the store ({type(err).__name__}, up to {self.max_attempts} attempts); "
-                "check BUCKET_ENDPOINT_URL and that the store is up"
+                f"check {self.names.endpoint} and that the store is up"
             )
         return f"unexpected {type(err).__name__}"
+
+
+class Storages:
+    """One Storage per job bucket's credentials, reused by every job with the same ones.
+
+    A client is worth keeping (boto3 builds one in tens of milliseconds, and its connections
+    stay open between jobs), but one endpoint may serve many customers: past `bound`
+    credentials the least recently used is dropped (its threads end once no job holds it).
+    """
+
+    def __init__(self, bound: int = 8) -> None:
+        self.bound = bound
+        self._clients: OrderedDict[Bucket, Storage] = OrderedDict()
+        self._lock = threading.Lock()  # jobs deliver on I/O threads
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    def get(self, bucket: Bucket) -> Storage:
+        with self._lock:
+            storage = self._clients.pop(bucket, None) or Storage(bucket)
+            self._clients[bucket] = storage
+            while len(self._clients) > self.bound:
+                self._clients.popitem(last=False)
+            return storage
 
 
 def object_key(job_id: str, index: int, output_format: str) -> str:

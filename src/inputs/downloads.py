@@ -10,10 +10,10 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import ParseResult, urlsplit
 
 from requests import RequestException, Response
-from runpod.serverless.utils.rp_ssrf import SSRFError, iter_content_capped, safe_get
+from runpod.serverless.utils.rp_ssrf import SSRFError, iter_content_capped, resolve_and_validate, safe_get
 
 from src.runtime.errors import JobError
 
@@ -37,6 +37,18 @@ def without_query(text: str) -> str:
         return f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}{path}"
 
     return re.sub(r"https?://[^\s'\"]+", strip, text)
+
+
+def check_public_host(url: ParseResult, field: str) -> None:
+    """A caller's URL that this worker will connect to itself (a job's storage endpoint), held to
+    the downloads' rule: every address its host resolves to is public, unless
+    RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS=1 (the SDK's check, which reads that switch)."""
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        resolve_and_validate(url.hostname or "", port)
+    except SSRFError as err:
+        reason = f"{without_query(str(err))}; use a public one"
+        raise JobError(f"{field}: {url.scheme}://{url.hostname} is refused: {reason}") from None
 
 
 @dataclass(frozen=True)

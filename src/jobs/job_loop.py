@@ -25,7 +25,8 @@ Each part is installed where the SDK looks it up when the worker starts: the sca
 `rp_scale.JobScaler`, the result post at `rp_job.send_result` and `rp_progress.send_result`,
 the heartbeat at `rp_ping.Heartbeat`. So `runpod.serverless.start` still parses the flags,
 runs `--test_input` and `--rp_serve_api` unchanged, and runs its fitness checks and
-heartbeat as deployed.
+heartbeat as deployed. The worker may still be loading when `serve` is called (as the last
+fitness check: src/jobs/fitness.py), so the scaler asks for it only once it takes jobs.
 """
 
 from __future__ import annotations
@@ -44,20 +45,25 @@ from runpod.version import __version__ as runpod_version
 
 from src.jobs.job_api import FAULTS, Faults, OutageLog, describe, poll_stop_signals, send_result, take_jobs
 from src.jobs.slots import Delivery
+from src.jobs.worker import Worker
 
 log = rp_scale.log
 
 
 class JobScaler(rp_scale.JobScaler):
-    # Set by `serve`: True once the worker must not take more jobs (a GPU fault).
-    stop_taking_jobs: Callable[[], bool] = staticmethod(lambda: False)
-    # Set by `serve`: the worker's jobs past the GPU stage, which hold no slot.
-    delivery: Delivery = Delivery(bound=0)
+    # Set by `serve`: the loaded worker (built after the fitness checks, before this scaler).
+    worker: Callable[[], Worker]
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
         self._slot_freed = asyncio.Event()
+        # The worker's jobs past the GPU stage, which hold no slot.
+        self.delivery: Delivery = self.worker().delivery or Delivery(bound=0)
         self.delivery.on_change(self._slot_freed.set)
+
+    def stop_taking_jobs(self) -> bool:
+        """True once the worker must not take more jobs (a GPU fault)."""
+        return self.worker().gpu.faulted
 
     def current_occupancy(self) -> int:
         """Slots held: jobs queued or in progress, less those delivering (up to the bound)."""
@@ -205,20 +211,28 @@ def allow_error_objects() -> None:
     rp_fastapi.JobOutput.__dataclass_fields__["error"].type = error_type
 
 
-def serve(
-    handler: Callable[..., Any],
-    max_concurrency: int,
-    stop_taking_jobs: Callable[[], bool],
-    delivery: Delivery | None = None,
-) -> None:
-    """`runpod.serverless.start` with this module's scaler: `max_concurrency` jobs waiting for or on
-    the GPU, plus up to `delivery.bound` more that are encoding and uploading."""
-    JobScaler.stop_taking_jobs = staticmethod(stop_taking_jobs)
-    JobScaler.delivery = delivery or Delivery(bound=0)
+def serve(handler: Callable[..., Any], worker: Callable[[], Worker]) -> None:
+    """`runpod.serverless.start` with this module's scaler: MAX_CONCURRENCY jobs waiting for or on
+    the GPU, plus up to as many more that are encoding and uploading (`Worker.delivery`).
+
+    `worker`: the loaded worker, asked for only once jobs are taken (its fitness checks and
+    weights may load inside `start`)."""
+    JobScaler.worker = staticmethod(worker)
     rp_scale.JobScaler = JobScaler
     rp_job.send_result = send_result  # `rp_job.handle_job` posts each result through this name
     rp_progress.send_result = send_result  # and progress updates through this one
     rp_ping.Heartbeat = Heartbeat  # `Heartbeat.start_ping` starts `Heartbeat.process_loop` by this name
     if serves_local_api():
         allow_error_objects()
-    runpod.serverless.start({"handler": handler, "concurrency_modifier": lambda current: max_concurrency})
+    runpod.serverless.start(
+        {"handler": handler, "concurrency_modifier": lambda current: worker().settings.max_concurrency}
+    )
+
+
+def runs_fitness_checks() -> bool:
+    """Whether `runpod.serverless.start` will run its fitness phase: deployed on the job queue (its
+    `worker._is_local` is false: no `--test_input`, RUNPOD_WEBHOOK_GET_JOB set) and not serving the
+    local API. Elsewhere nobody runs the checks but the worker itself."""
+    flags, _ = runpod.serverless.parser.parse_known_args()
+    local = bool(flags.test_input) or os.environ.get("RUNPOD_WEBHOOK_GET_JOB") is None
+    return not local and not serves_local_api()

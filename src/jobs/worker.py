@@ -4,8 +4,9 @@ A job is one straight line: parse; fetch inputs; on the GPU (one job at a time, 
 src/runtime/gpu.py) generate and check; encode; deliver. Up to MAX_CONCURRENCY jobs are in
 flight, so one job's fetches, encoding and upload overlap another's GPU stage.
 
-`handle` is the one place where failures become `{"error": ...}`: a `JobError` passes
-its message through (out of GPU memory is one, after the memory is freed); a GPU fault
+`handle` is where a job arrives (its `s3Config`, Runpod's per-job bucket, goes to delivery as
+storage credentials) and the one place where failures become `{"error": ...}`: a `JobError`
+passes its message through (out of GPU memory is one, after the memory is freed); a GPU fault
 also asks Runpod to replace the worker; anything else is logged with its traceback and
 reported as a short internal error. The worker keeps serving after every one of them.
 A stopped job raises `CancelledError` through it, as the SDK expects, and returns nothing.
@@ -27,8 +28,9 @@ from PIL import Image
 
 from src.control.pose import PoseEstimator, no_pose_model
 from src.control.preprocess import DepthEstimator, load_control, no_depth_model
+from src.delivery.buckets import Bucket, job_bucket
 from src.delivery.encoding import data_uri, encode_image
-from src.delivery.storage import Storage
+from src.delivery.storage import Storage, Storages
 from src.inputs.pictures import Inputs, load_inputs, open_input
 from src.jobs import startup
 from src.jobs.output import job_output
@@ -77,6 +79,8 @@ class Worker:
     placement: Placement | None = None
     # Jobs past the GPU stage; the job loop lets the next job take their slots (src/jobs/slots.py).
     delivery: Delivery | None = None
+    # The clients of jobs' own buckets (`s3Config`), by credentials.
+    storages: Storages = field(default_factory=Storages)
 
     def __post_init__(self) -> None:
         if self.delivery is None:
@@ -93,7 +97,9 @@ class Worker:
         return next(iter(self.models.values())).loras
 
     @classmethod
-    def start(cls, settings: Settings, roots: SearchRoots | None = None) -> Worker:
+    def start(
+        cls, settings: Settings, roots: SearchRoots | None = None, gpu: GpuStage | None = None
+    ) -> Worker:
         """Load everything a job needs on the GPU thread, where every later torch op runs too.
 
         Torch keeps a team of OpenMP threads per thread that runs it: once a second thread has
@@ -101,7 +107,7 @@ class Worker:
         BENCHMARKS.md), and on a GPU the thread that launches kernels pays for it. So loading,
         warm-up and every job's torch work share the one GPU thread (src/runtime/gpu.py).
         """
-        gpu = GpuStage()
+        gpu = gpu or GpuStage()  # the start's own, when its fitness checks ran there already
         return gpu.call(partial(cls._load, settings, roots, gpu))
 
     @classmethod
@@ -153,7 +159,11 @@ class Worker:
         """
         job_id = str(job.get("id", "local"))
         try:
-            return await self.run(job_id, job.get("input"), progress_reporter(job, self.settings), inline)
+            # Runpod's per-job bucket (checked on a thread: its endpoint's host is resolved).
+            s3_config = job.get("s3Config")
+            bucket = None if s3_config is None else await asyncio.to_thread(job_bucket, s3_config)
+            progress = progress_reporter(job, self.settings)
+            return await self.run(job_id, job.get("input"), progress, inline, bucket)
         except JobError as err:
             log.info("job %s failed: %s", job_id, err)
             return error_output(str(err))
@@ -183,9 +193,17 @@ class Worker:
             clock.add(stage, (time.perf_counter() - started) * 1000)
 
     async def run(
-        self, job_id: str, raw_input: Any, on_step: StepCallback | None = None, inline: bool = False
+        self,
+        job_id: str,
+        raw_input: Any,
+        on_step: StepCallback | None = None,
+        inline: bool = False,
+        bucket: Bucket | None = None,
     ) -> dict[str, Any]:
-        """One job, start to end. Only the GPU stage waits for other jobs; the rest overlaps them."""
+        """One job, start to end. Only the GPU stage waits for other jobs; the rest overlaps them.
+
+        `bucket`: the job's own (its `s3Config`), used instead of the worker's, never falling back.
+        """
         clock = Stopwatch(self.generator.device)
         stop = Stop()
         request = parse_request(raw_input)
@@ -249,7 +267,9 @@ class Worker:
         with self.delivery.delivering():
             encoded = await run_stoppable(None, self._encode, stop, images, request)
             clock.lap("encode_image", sync=False)
-            urls = await run_stoppable(None, self._deliver, stop, job_id, encoded, request, inline, stop)
+            urls = await run_stoppable(
+                None, self._deliver, stop, job_id, encoded, request, inline, stop, bucket
+            )
             clock.lap("upload", sync=False)
         return job_output(self.settings, request, seed, kept, urls, flags, clock, expanded)
 
@@ -327,8 +347,15 @@ class Worker:
         return [encode_image(image, request.output_format, request.output_quality) for image in images]
 
     def _deliver(
-        self, job_id: str, encoded: list[bytes], request: GenerateRequest, inline: bool, stop: Stop
+        self,
+        job_id: str,
+        data: list[bytes],
+        request: GenerateRequest,
+        inline: bool,
+        stop: Stop,
+        bucket: Bucket | None,
     ) -> list[str]:
-        if self.storage is not None and not inline:
-            return self.storage.upload_all(job_id, encoded, request.output_format, stop)
-        return [data_uri(data, request.output_format) for data in encoded]
+        storage = self.storage if bucket is None or inline else self.storages.get(bucket)
+        if storage is None or inline:
+            return [data_uri(image, request.output_format) for image in data]
+        return storage.upload_all(job_id, data, request.output_format, stop)

@@ -269,7 +269,9 @@ async def _native_job(request: Request, images: OpenAIImages, body: bytes) -> Re
             raise BadJson('input: required: the body must be a JSON object {"input": {...}}')
     except BadJson as err:
         return JSONResponse({"id": job_id, "status": "FAILED", "error": str(err)}, 400)
-    output = await images.handle({"id": job_id, "input": raw["input"]})
+    # Runpod's per-job bucket travels beside `input`, as the queue hands it over (src/jobs/worker.py).
+    carried = {"s3Config": raw["s3Config"]} if raw.get("s3Config") is not None else {}
+    output = await images.handle({"id": job_id, "input": raw["input"], **carried})
     if "error" in output:
         error = output["error"]
         status = _native_status(raw["input"], error)

@@ -16,12 +16,13 @@ from src.openai_images.bodies import EXTENSIONS, EditFields
 from src.request.schema import FIELDS
 
 # Fields a caller sends: the native ones, OpenAI's, the extensions (some may be newer than this
-# worker's native request, which then refuses them by name) and the job input's own two.
+# worker's native request, which then refuses them by name), the job input's own two, and the
+# job's bucket beside the input.
 CALLER_FIELDS = (
     frozenset(FIELDS)
     | frozenset(EditFields.model_fields)
     | frozenset(EXTENSIONS)
-    | {"openai_route", "openai_input"}
+    | {"openai_route", "openai_input", "s3Config"}
 )
 LEADING_FIELD = re.compile(r"([A-Za-z_][\w-]{0,39})((?:\[\d+\])?(?:\.\w+)?): ")
 OWNER = "tongyi-mai"

@@ -12,8 +12,14 @@ import logging
 import os
 import re
 import sys
+from collections import OrderedDict
 
-_SECRETS: set[str] = set()
+_SECRETS: set[str] = set()  # the worker's own (settings): for good
+# Jobs' own keys (`s3Config`): the most recent ones, so a worker serving many callers does not
+# check every log line against every key it has ever seen. A job's two keys are added as it
+# arrives; at most 2 x MAX_CONCURRENCY (16) jobs are in flight, so theirs are always among these.
+_JOB_SECRETS: OrderedDict[str, None] = OrderedDict()
+JOB_SECRETS_KEPT = 64
 _DATA_URI = re.compile(r"(data:[\w/.+-]+;base64,)([A-Za-z0-9+/=]{16,})")
 _LONG_BASE64 = re.compile(r"[A-Za-z0-9+/]{200,}={0,2}")
 _SIGNED_PARAMS = re.compile(
@@ -28,15 +34,22 @@ def redact(text: str) -> str:
     text = _DATA_URI.sub(lambda m: f"{m[1]}<{len(m[2])} chars>", text)
     text = _LONG_BASE64.sub(lambda m: f"<base64, {len(m[0])} chars>", text)
     text = _SIGNED_PARAMS.sub(r"\1<redacted>", text)
-    for secret in _SECRETS:
+    for secret in (*_SECRETS, *_JOB_SECRETS):
         text = text.replace(secret, "<redacted>")
     return text
 
 
-def add_secret(value: str | None) -> None:
-    """A value that must never be logged (storage keys)."""
-    if value and len(value) >= 4:
+def add_secret(value: str | None, job: bool = False) -> None:
+    """A value that must never be logged (storage keys); `job`: one job's, kept among the recent ones."""
+    if not value or len(value) < 4:
+        return
+    if not job:
         _SECRETS.add(value)
+        return
+    _JOB_SECRETS[value] = None
+    _JOB_SECRETS.move_to_end(value)
+    while len(_JOB_SECRETS) > JOB_SECRETS_KEPT:
+        _JOB_SECRETS.popitem(last=False)
 
 
 class _RedactingFilter(logging.Filter):
