@@ -55,6 +55,8 @@ class ControlModels:
     controlnet: ZImageControlNetModel | None = None
     depth: DepthEstimator | None = None
     pose: PoseEstimator | None = None
+    # TILE_CONTROLNET_MODEL, for upscaling; loaded with or without the Union.
+    tile_controlnet: ZImageControlNetModel | None = None
 
 
 def load_control_models(
@@ -64,9 +66,14 @@ def load_control_models(
     dtype: torch.dtype,
     roots: SearchRoots,
 ) -> ControlModels:
-    """The ControlNet, built on the first model's transformer, and the depth and pose models beside it."""
+    """The ControlNets, built on the first model's transformer, and the depth and pose models beside them."""
+    tile = None
+    if settings.tile_control_enabled:
+        tile = load_controlnet(
+            settings.tile_controlnet_model, transformer, dtype, roots, "TILE_CONTROLNET_MODEL"
+        )
     if not settings.control_enabled:
-        return ControlModels()
+        return ControlModels(tile_controlnet=tile)
     # In CPU memory until serve_models moves it, after the memory plan may have stored it in fp8.
     controlnet = load_controlnet(settings.controlnet_model, transformer, dtype, roots)
     depth = pose = None
@@ -79,13 +86,13 @@ def load_control_models(
             settings.pose_detector_model, missing_classifier_files, "POSE_DETECTOR_MODEL", roots
         )
         pose = PoseEstimator.load(pose_folder, detector, device, dtype)
-    return ControlModels(controlnet, depth, pose)
+    return ControlModels(controlnet, depth, pose, tile)
 
 
 def serve_models(
     settings: Settings,
     pipes: dict[str, ZImagePipeline],
-    controlnet: ZImageControlNetModel | None,
+    control: ControlModels,
     device: torch.device,
     clock: Stopwatch,
 ) -> dict[str, ServedModel]:
@@ -94,8 +101,9 @@ def serve_models(
         settings.lora_dirs, settings.lora_cache_path, settings.lora_cache_gb, settings.lora_max_mb
     )
     first = next(iter(pipes))
-    if controlnet is not None:
-        controlnet.to(device)
+    for loaded in (control.controlnet, control.tile_controlnet):
+        if loaded is not None:
+            loaded.to(device)
     models: dict[str, ServedModel] = {}
     for name, pipe in pipes.items():
         # One prompt cache for the models that share one text encoder.
@@ -107,10 +115,12 @@ def serve_models(
         clock.lap("move_to_device")
         # The ControlNet was trained on Turbo; another model gets a view of the same weights
         # wired to its own transformer's embedders (src/control/controlnet.py).
-        control = (
-            controlnet if controlnet is None or name == first else bound_to(controlnet, pipe.transformer)
+        union, tile = (
+            (net if net is None or name == first else bound_to(net, pipe.transformer))
+            for net in (control.controlnet, control.tile_controlnet)
         )
-        generator = ZImageGenerator(pipe, device, control, prompts=shared_prompts)
+        parts = {"tile_controlnet": tile, "upscale_tile": settings.upscale_tile}
+        generator = ZImageGenerator(pipe, device, union, prompts=shared_prompts, parts=parts)
         # Before `accelerate`: a transformer about to be compiled gets its LoRA slots first.
         hotswap = compiles(settings, device)
         loras = LoraAdapters(generator.text_to_image, files, settings.lora_max_loaded, hotswap=hotswap)

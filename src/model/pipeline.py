@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import DiffusionPipeline, ZImageControlNetModel, ZImagePipeline
@@ -77,8 +77,10 @@ class ZImageGenerator:
         device: torch.device,
         controlnet: ZImageControlNetModel | None = None,
         prompts: PromptEncoder | None = None,
+        parts: dict[str, Any] | None = None,
     ) -> None:
-        """`prompts`: another model's encoder and cache, when both use the same text encoder."""
+        """`prompts`: another model's encoder and cache, when both use the same text encoder.
+        `parts`: what a mode's pipeline takes beyond the shared components (Mode.parts)."""
         self.device = device
         self.text_to_image = text_to_image
         self.controlnet = controlnet
@@ -91,10 +93,11 @@ class ZImageGenerator:
         self.refusals: dict[str, str] = {}
         for mode in MODES.values():
             if not mode.control:
+                own = {argument: (parts or {}).get(part) for argument, part in mode.parts}
                 self.pipelines[mode.name] = (
                     text_to_image
                     if isinstance(text_to_image, mode.pipeline)
-                    else mode.pipeline(**text_to_image.components)
+                    else mode.pipeline(**text_to_image.components, **own)
                 )
             elif controlnet is None:
                 self.refusals[mode.name] = (
@@ -229,7 +232,7 @@ class ZImageGenerator:
             part = request.model_copy(update={"num_images": count})
             embeds = (prompt_embeds, negative_embeds)
             latents = self._denoise(pipe, mode, part, inputs, generators, step_end, embeds)
-            clock.lap("denoise")
+            clock.lap(mode.stage)
             parts.append(self._decode(pipe, mode, request, inputs, latents))
             clock.lap("decode")
         return torch.cat(parts) if len(parts) > 1 else parts[0]
@@ -279,7 +282,9 @@ class ZImageGenerator:
         """3. Decode, denormalise to [0, 1]; the images stay on the device."""
         with torch.inference_mode():
             vae = pipe.vae
-            vae.use_tiling = self.tile_above is not None and request.width * request.height > self.tile_above
+            # The plan's threshold, and a tiled mode's own (upscaling tiles its canvas past one tile).
+            limits = [limit for limit in (self.tile_above, getattr(pipe, "tile_above", None)) if limit]
+            vae.use_tiling = any(request.width * request.height > limit for limit in limits)
             latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
             decoded = vae.decode(latents, return_dict=False)[0]
             images = pipe.image_processor.postprocess(decoded, output_type="pt")

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 from src.lora.files import shown_path
 from src.request.outpaint import Outpaint
 from src.request.schema import FIELDS, GenerateRequest, LoraSpec
+from src.request.upscale import Upscale
 from src.runtime.errors import JobError
 
 MAX_PROBLEMS = 5
@@ -46,8 +47,9 @@ def _describe(error: Any, raw: dict) -> str:
     field = str(error["loc"][0]) if error["loc"] else ""
     if field == "loras" and len(error["loc"]) > 1:
         return _describe_lora(error, raw)
-    if field == "outpaint" and (len(error["loc"]) > 1 or error["type"] == "value_error"):
-        return _describe_part(error, "outpaint", raw["outpaint"], Outpaint)
+    parts = {"outpaint": Outpaint, "upscale": Upscale}
+    if field in parts and (len(error["loc"]) > 1 or error["type"] == "value_error"):
+        return _describe_part(error, field, raw[field], parts[field])
     if error["type"] == "extra_forbidden":
         close = difflib.get_close_matches(field, FIELDS, n=1, cutoff=0.5)
         hint = f"did you mean '{close[0]}'? " if close else ""
@@ -70,7 +72,7 @@ def _describe_lora(error: Any, raw: dict) -> str:
 
 
 def _describe_part(error: Any, name: str, entry: dict, model: type[BaseModel]) -> str:
-    """An error inside an object field (`outpaint`, an entry of `loras`), named `<name>.<key>`."""
+    """An error inside an object field (`outpaint`, `upscale`, an entry of `loras`), named `<name>.<key>`."""
     key = str(error["loc"][1]) if len(error["loc"]) > 1 else ""
     if error["type"] == "extra_forbidden":
         return f"{name}.{shown_key(key)}: unknown field; allowed fields: {', '.join(model.model_fields)}"
