@@ -11,17 +11,22 @@ from __future__ import annotations
 import asyncio
 import io
 import threading
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 import torch
 from diffusers import ZImageImg2ImgPipeline
 from PIL import Image
 
+from src.delivery.storage import Storage
 from src.inputs.pictures import load_inputs
 from src.jobs.worker import Worker
 from src.model import tiles
+from src.model.acceleration import LEVELS, steps_computed
 from src.model.modes import mode_of
 from src.model.pipeline import ZImageGenerator, to_pil
 from src.request.parse import parse_request
@@ -31,6 +36,7 @@ from src.runtime.gpu import Stop
 from src.runtime.settings import Settings, SettingsError
 from src.runtime.timing import Stopwatch
 from tests.conftest import data_uri_of, decode_data_uri, handle_job, run_input
+from tests.loopback_servers import BUCKET, KEY_ID, SECRET, MotoServer
 from tests.test_concurrency import _stop_after_first_step
 from tests.tiny_controlnets import save_tile_controlnet
 
@@ -53,6 +59,7 @@ def uri(image: Image.Image) -> str:
 
 SMALL = picture(128, 128)  # x2: 256x256, one tile
 WIDE = picture(192, 160, seed=1)  # x2: 384x320, four tiles of 256
+LONG = picture(192, 96, seed=2)  # x2: 384x192, two tiles of 256
 
 
 def job(image: Image.Image = SMALL, **fields) -> dict:
@@ -61,7 +68,7 @@ def job(image: Image.Image = SMALL, **fields) -> dict:
         "image": uri(image),
         "upscale": {"factor": 2.0},
         "seed": 3,
-        "num_inference_steps": 4,
+        "num_inference_steps": 2,
         **fields,
     }
 
@@ -219,7 +226,7 @@ def test_strength_zero_returns_the_lanczos_resample_exactly(worker):
 
 
 def test_one_tile_equals_diffusers_img2img_on_the_resample(worker):
-    output = run_input(worker, "one", job(strength=0.5))
+    output = run_input(worker, "one", job(strength=0.5, num_inference_steps=4))
     resampled = SMALL.resize((256, 256), Image.Resampling.LANCZOS)
     pipe = ZImageImg2ImgPipeline(**worker.generator.text_to_image.components)
     pipe.set_progress_bar_config(disable=True)
@@ -246,8 +253,8 @@ def test_several_tiles_are_deterministic_report_tile_steps_and_cost_per_megapixe
     again = run_input(tiled, "b", job(WIDE, strength=0.5))
     assert first["image_url"] == again["image_url"]
     assert (first["width"], first["height"]) == (384, 320)
-    # 0.5 of 4 steps runs 2, over four tiles: 8 tile steps.
-    assert steps == [(done, 8) for done in range(1, 9)]
+    # 0.5 of 2 steps runs 1, over four tiles: 4 tile steps.
+    assert steps == [(done, 4) for done in range(1, 5)]
     assert first["cost"] == round(0.005 * 384 * 320 / 1024**2, 6)
     other = run_input(tiled, "c", job(WIDE, strength=0.5, seed=4))
     assert other["image_url"] != first["image_url"]
@@ -277,3 +284,61 @@ def test_a_stop_ends_the_refine_at_the_next_tile_step(tiled, monkeypatch):
         _stop_after_first_step(tiled, steps, job(WIDE, strength=1.0, num_inference_steps=8), stop_set)
     )
     assert steps == [1]  # one tile step of 32, then the stop
+
+
+@pytest.mark.parametrize("level", ["high"])
+def test_an_acceleration_level_forecasts_each_tile_from_its_own_steps(tiled, level):
+    """One step-cache history per tile: the blocks run on the level's computed steps in every tile,
+    and the Tile ControlNet with them (its window counts steps by timestep, not by call)."""
+    generator = tiled.generator
+    tile_controlnet = generator.pipelines["upscaling"].controlnet
+    counts = {"transformer": 0, "controlnet": 0}
+    watched = {
+        "transformer": generator.text_to_image.transformer.layers[-1].attention,
+        "controlnet": tile_controlnet.control_layers[0].attention,
+    }
+    handles = [
+        module.register_forward_pre_hook(lambda *_, name=name: counts.__setitem__(name, counts[name] + 1))
+        for name, module in watched.items()
+    ]
+    try:
+        fast = pixels(
+            run_input(tiled, level, job(LONG, strength=1.0, num_inference_steps=6, acceleration=level))
+        )
+    finally:
+        for handle in handles:
+            handle.remove()
+    computed = steps_computed(LEVELS["z-image-turbo"][level], 6)
+    assert computed < 6 and counts == {"transformer": 2 * computed, "controlnet": 2 * computed}
+    assert fast.shape == (192, 384, 3)
+    registries = [getattr(m, "_diffusers_hook", None) for m in generator.text_to_image.transformer.modules()]
+    assert all(registry is None or not registry.hooks for registry in registries)
+
+
+# ------------------------------------------------------------------- 16 MP through a bucket
+@pytest.fixture(scope="module")
+def s3() -> Iterator[MotoServer]:
+    server = MotoServer()
+    server.make_bucket()
+    yield server
+    server.stop()
+
+
+def test_a_4096x4096_output_goes_through_a_bucket(worker, s3):
+    settings = replace(
+        worker.settings,
+        bucket_endpoint_url=s3.url,
+        bucket_access_key_id=KEY_ID,
+        bucket_secret_access_key=SECRET,
+        bucket_name=BUCKET,
+    )
+    stored = replace(worker, settings=settings, storage=Storage(settings))
+    source = picture(1024, 1024, seed=5)
+    # Strength 0: the resample itself, so the check is the size rule, the bytes and the delivery.
+    output = run_input(stored, "big", job(source, upscale={"factor": 4.0}, strength=0.0))
+    assert (output["width"], output["height"]) == (4096, 4096)
+    assert output["image_url"].startswith(s3.url)
+    delivered = Image.open(io.BytesIO(requests.get(output["image_url"], timeout=30).content))
+    expected = source.resize((4096, 4096), Image.Resampling.LANCZOS)
+    assert np.array_equal(np.asarray(delivered), np.asarray(expected))
+    assert output["cost"] == round(0.005 * 16, 6)
