@@ -174,14 +174,15 @@ def weigh(
     transformers = unique([pipe.transformer for pipe in pipes.values()])
     encoders = unique([pipe.text_encoder for pipe in pipes.values()])
     vaes = unique([pipe.vae for pipe in pipes.values()])
-    parts = placement.measure(transformers, encoders, vaes, control.controlnet)
-    shapes = placement.shapes_of(transformers[0], vaes[0], encoders[0], control.controlnet)
+    tile = control.tile_controlnet
+    parts = placement.measure(transformers, encoders, vaes, control.controlnet, tile_controlnet=tile)
+    shapes = placement.shapes_of(transformers[0], vaes[0], encoders[0], control.controlnet, tile)
     budget, context = memory_budget(settings, device)
-    job = placement.worst_job(settings.lora_max_loaded)
+    job = placement.worst_job(settings.lora_max_loaded, settings.upscale_tile)
     early = memory.choose(settings.memory_plan, parts, shapes, budget, context, job)  # may refuse
     if early.plan.fp8:
         dtype = transformers[0].dtype
-        for model in [*transformers, control.controlnet]:
+        for model in [*transformers, control.controlnet, tile]:
             if model is not None:
                 store_fp8(model, dtype)
     return Weights(parts, shapes, budget, context, job)
@@ -189,7 +190,7 @@ def weigh(
 
 @dataclass(frozen=True)
 class Weights:
-    parts: memory.Parts  # the transformers, text encoders, VAEs and ControlNet, as loaded
+    parts: memory.Parts  # the transformers, text encoders, VAEs and ControlNets, as loaded
     shapes: memory.Shapes
     budget: float
     context: int
@@ -222,16 +223,21 @@ def plan_memory(
     where = {"transformer": f"on {device.type}"}
     if plan.fp8:
         dtype = generators[0].text_to_image.transformer.dtype
-        for model in [*transformers, control.controlnet]:
+        for model in [*transformers, control.controlnet, control.tile_controlnet]:
             if model is not None:
                 store_fp8(model, dtype)  # those `weigh` did not store already
         cast = sum(placement.is_cast(layer) for model in transformers for layer in model.modules())
         kept = "norms, embedders, final layer as loaded"
         where["transformer"] += f", {cast} layers stored in fp8 ({kept})"
-    if control.controlnet is not None:
-        where["ControlNet"] = f"on {device.type}" + (", stored in fp8 likewise" if plan.fp8 else "")
+    for name, net in (("ControlNet", control.controlnet), ("Tile ControlNet", control.tile_controlnet)):
+        if net is not None:
+            where[name] = f"on {device.type}" + (", stored in fp8 likewise" if plan.fp8 else "")
     residence = Residence([*encoders, own_expander] if own_expander else encoders, device, plan.offloads)
     where["text encoder" + (" and expander" if expander else "")] = residence.where
+    # The LoRA slots the plan keeps (LORA_MAX_LOADED, or fewer where that let an earlier plan fit).
+    job = replace(job, loras=choice.lora_slots)
+    for served in models.values():
+        served.loras.max_loaded = min(settings.lora_max_loaded, choice.lora_slots)
     for generator in generators:
         generator.prompts.residence = residence
         if plan.splits:
@@ -282,5 +288,6 @@ def batch_for(
         control=request.control_image is not None,
         loras=worst.loras,
         expansion=False,
+        upscale=False,  # an upscale is one image: nothing to split
     )
     return memory.largest_batch(plan, parts, shapes, job, budget)

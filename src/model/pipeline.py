@@ -93,7 +93,7 @@ class ZImageGenerator:
         self.refusals: dict[str, str] = {}
         for mode in MODES.values():
             if not mode.control:
-                own = {argument: (parts or {}).get(part) for argument, part in mode.parts}
+                own = {argument: parts[part] for argument, part in mode.parts if part in (parts or {})}
                 self.pipelines[mode.name] = (
                     text_to_image
                     if isinstance(text_to_image, mode.pipeline)

@@ -26,7 +26,7 @@ from src.request.sizes import MAX_SIDE as MAX_SIDE
 from src.request.sizes import MIN_SIDE as MIN_SIDE
 from src.request.sizes import PRESET_SIZES as PRESET_SIZES
 from src.request.sizes import SIDE_STEP as SIDE_STEP
-from src.request.upscale import UPSCALE_DEFAULTS, Upscale
+from src.request.upscale import UPSCALE_DEFAULTS, Upscale, blank_upscale_prompt, check_upscale
 
 MAX_PROMPT_CHARS = 4000
 MAX_SEED = 2**32 - 1
@@ -219,11 +219,10 @@ class GenerateRequest(BaseModel):
     def _upscale_may_leave_the_prompt_out(cls, raw: Any, handler: Any) -> GenerateRequest:
         """With `upscale` and `image`, an absent or blank prompt is allowed: it stays blank here and
         the worker refines with UPSCALE_PROMPT (`with_prompt`). Everywhere else blank is a mistake."""
-        prompt = raw.get("prompt") if isinstance(raw, dict) else None
-        upscaling = isinstance(raw, dict) and raw.get("upscale") is not None and raw.get("image") is not None
-        if not upscaling or (prompt is not None and not (isinstance(prompt, str) and not prompt.strip())):
+        blank = blank_upscale_prompt(raw)
+        if blank is None:
             return handler(raw)
-        return handler({**raw, "prompt": "-"}).model_copy(update={"prompt": prompt or ""})
+        return handler({**raw, "prompt": "-"}).model_copy(update={"prompt": blank})
 
     @field_validator("prompt")
     @classmethod
@@ -273,28 +272,8 @@ class GenerateRequest(BaseModel):
 
     @model_validator(mode="after")
     def _upscale_needs_image_alone(self) -> GenerateRequest:
-        if self.upscale is None:
-            return self
-        if self.image is None:
-            raise ValueError(
-                "upscale: needs 'image', the picture to enlarge: send 'image' with it, or leave 'upscale' out"
-            )
-        for other in ("mask", "outpaint", "control_image"):
-            if getattr(self, other) is not None:
-                raise ValueError(
-                    f"upscale: is not allowed together with '{other}': upscaling refines the whole picture "
-                    f"(with the Tile ControlNet when the worker has one); leave '{other}' out"
-                )
-        if self.num_images > 1:
-            raise ValueError(
-                f"num_images: {self.num_images} is not allowed with 'upscale': an upscale returns one image; "
-                "leave 'num_images' out or send 1"
-            )
-        if self.size != AUTO:
-            raise ValueError(
-                f"size: {self.size!r} is not allowed with 'upscale': the output size is the input's times "
-                f"upscale.factor; leave 'size' out or send '{AUTO}'"
-            )
+        if self.upscale is not None:
+            check_upscale(self)
         return self
 
     @model_validator(mode="after")

@@ -6,6 +6,7 @@ changes of the request's defaults. src/inputs/pictures.py resamples the input to
 from __future__ import annotations
 
 import math
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -71,3 +72,49 @@ def largest_factor(width: int, height: int) -> float:
     ):
         hundredths -= 1
     return hundredths / 100
+
+
+class Upscaled(Protocol):
+    """What the rules below read of a request (src/request/schema.py's GenerateRequest)."""
+
+    image: str | None
+    mask: str | None
+    outpaint: object | None
+    control_image: str | None
+    num_images: int
+    size: str
+
+
+def check_upscale(request: Upscaled) -> None:
+    """The rules `upscale` adds to a request; each ValueError names its field."""
+    if request.image is None:
+        raise ValueError(
+            "upscale: needs 'image', the picture to enlarge: send 'image' with it, or leave 'upscale' out"
+        )
+    for other in ("mask", "outpaint", "control_image"):
+        if getattr(request, other) is not None:
+            raise ValueError(
+                f"upscale: is not allowed together with '{other}': upscaling refines the whole picture "
+                f"(with the Tile ControlNet when the worker has one); leave '{other}' out"
+            )
+    if request.num_images > 1:
+        raise ValueError(
+            f"num_images: {request.num_images} is not allowed with 'upscale': an upscale returns one image; "
+            "leave 'num_images' out or send 1"
+        )
+    if request.size != AUTO:
+        raise ValueError(
+            f"size: {request.size!r} is not allowed with 'upscale': the output size is the input's times "
+            f"upscale.factor; leave 'size' out or send '{AUTO}'"
+        )
+
+
+def blank_upscale_prompt(raw: Any) -> str | None:
+    """An upscaling request's absent ("") or blank prompt, which it may leave to UPSCALE_PROMPT; None
+    for any other request (its prompt is checked as always)."""
+    if not isinstance(raw, dict) or raw.get("upscale") is None or raw.get("image") is None:
+        return None
+    prompt = raw.get("prompt")
+    if prompt is None:
+        return ""
+    return prompt if isinstance(prompt, str) and not prompt.strip() else None
