@@ -136,18 +136,21 @@ class ZImageGenerator:
             return
         transformer = self.text_to_image.transformer
         backend = fastest_attention(transformer)
-        if self.controlnet is not None:
+        # Every ControlNet the modes' pipelines hold (the Union, the Tile ControlNet), each once.
+        held = (getattr(pipe, "controlnet", None) for pipe in self.pipelines.values())
+        nets = {id(net): net for net in held if net is not None}.values()
+        for net in nets:
             # The ControlNet's own blocks run attention and linears over the same tokens (2.1: about
             # half the transformer's size), so they get the same treatment. Without its own backend
             # it would follow diffusers' process-wide active one, whatever set it last.
             if backend is not None:
-                self.controlnet.set_attention_backend(backend)
+                net.set_attention_backend(backend)
             log.info("ControlNet attention backend: %s", backend or "diffusers' default")
         if precision == "fp8":
             _float8_matmuls(transformer, "transformer")
-            if self.controlnet is not None:
+            for net in nets:
                 # Its embedders and refiners are the transformer's (from_transformer): quantized once.
-                _float8_matmuls(self.controlnet, "ControlNet", skip=transformer)
+                _float8_matmuls(net, "ControlNet", skip=transformer)
         if compile_blocks:
             # Inductor's default cache lives in /tmp and dies with the container; on disk (a
             # network volume when there is one) a restarted worker skips the compile.
