@@ -342,3 +342,22 @@ def test_a_4096x4096_output_goes_through_a_bucket(worker, s3):
     expected = source.resize((4096, 4096), Image.Resampling.LANCZOS)
     assert np.array_equal(np.asarray(delivered), np.asarray(expected))
     assert output["cost"] == round(0.005 * 16, 6)
+
+
+def test_past_one_tile_the_vae_encodes_and_decodes_the_canvas_in_tiles(tiled, monkeypatch):
+    vae = tiled.generator.text_to_image.vae
+    calls = {"_tiled_encode": 0, "tiled_decode": 0}
+    for name in calls:
+        original = getattr(vae, name)
+
+        def counted(*args, name=name, original=original, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(vae, name, counted)
+    output = run_input(tiled, "vae", job(picture(320, 192, seed=4), strength=0.5))
+    assert (output["width"], output["height"]) == (640, 384)  # past the VAE's 512-pixel tiles
+    assert calls == {"_tiled_encode": 1, "tiled_decode": 1}
+    assert vae.use_tiling is False  # the next job's VAE as it was
+    run_input(tiled, "small", job(strength=0.5))  # one tile: no VAE tiles
+    assert calls == {"_tiled_encode": 1, "tiled_decode": 1}

@@ -27,6 +27,7 @@ from src.model.modes import MODES, Mode, mode_of
 from src.model.pixels import to_bytes
 from src.model.placement import is_cast
 from src.model.prompts import PromptEncoder
+from src.model.upscale import vae_tiles
 from src.request.schema import PRESET_SIZES, GenerateRequest
 from src.runtime.timing import Stopwatch
 
@@ -287,9 +288,10 @@ class ZImageGenerator:
             vae = pipe.vae
             # The plan's threshold, and a tiled mode's own (upscaling tiles its canvas past one tile).
             limits = [limit for limit in (self.tile_above, getattr(pipe, "tile_above", None)) if limit]
-            vae.use_tiling = any(request.width * request.height > limit for limit in limits)
             latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-            decoded = vae.decode(latents, return_dict=False)[0]
+            # Only for this decode: the next job's image-to-image encode must not tile.
+            with vae_tiles(vae, any(request.width * request.height > limit for limit in limits)):
+                decoded = vae.decode(latents, return_dict=False)[0]
             images = pipe.image_processor.postprocess(decoded, output_type="pt")
             # 4. The mode's last step (inpainting puts the kept pixels back); cheap beside the
             #    decode, so timed with it.

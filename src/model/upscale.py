@@ -47,8 +47,8 @@ VAE_TILE = 512
 
 @contextmanager
 def vae_tiles(vae: AutoencoderKL, on: bool) -> Iterator[None]:
-    """diffusers' tiled encode and decode on `vae` for one call (as it was before afterwards)."""
-    before, vae.use_tiling = vae.use_tiling, on or vae.use_tiling
+    """diffusers' tiled encode and decode on `vae` for one call, or not; as it was afterwards."""
+    before, vae.use_tiling = vae.use_tiling, on
     try:
         yield
     finally:
@@ -113,10 +113,11 @@ class UpscalePipeline(ZImageImg2ImgPipeline):
             w.to(device) for w in tiles.weights(latent_height, latent_width, self.tile // scale, patch)
         ]
 
-        # 2. Encode the resampled canvas (in tiles past one view): the latents the noise is added
-        #    to, sampled with the job's generator as diffusers does, and the Tile ControlNet's input.
+        # 2. Encode the resampled canvas (in tiles past one tile's pixels, as the decode): the latents
+        #    the noise is added to, sampled with the job's generator as diffusers does, and the Tile
+        #    ControlNet's input.
         init_image = self.image_processor.preprocess(image).to(device=device, dtype=dtype)
-        with vae_tiles(self.vae, len(views) > 1):
+        with vae_tiles(self.vae, height * width > self.tile_above):
             encoded = self.vae.encode(init_image).latent_dist
         shift, factor = self.vae.config.shift_factor, self.vae.config.scaling_factor
         image_latents = (encoded.sample(generator=generator[0]) - shift) * factor
