@@ -29,6 +29,7 @@ from src.model import tiles
 from src.model.acceleration import LEVELS, steps_computed
 from src.model.modes import mode_of
 from src.model.pipeline import ZImageGenerator, to_pil
+from src.openai_images.routes import OpenAIImages
 from src.request.parse import parse_request
 from src.request.upscale import TILE_CONTROL_SCALE, largest_factor
 from src.runtime.errors import JobError
@@ -361,3 +362,17 @@ def test_past_one_tile_the_vae_encodes_and_decodes_the_canvas_in_tiles(tiled, mo
     assert vae.use_tiling is False  # the next job's VAE as it was
     run_input(tiled, "small", job(strength=0.5))  # one tile: no VAE tiles
     assert calls == {"_tiled_encode": 1, "tiled_decode": 1}
+
+
+def test_the_openai_edits_route_takes_upscale_through_extra_body(worker):
+    body = {
+        "prompt": PROMPT,
+        "image": uri(SMALL),
+        "seed": 3,
+        "num_inference_steps": 2,
+        "upscale": {"factor": 2.0},
+    }
+    job = {"openai_route": "/v1/images/edits", "openai_input": body}
+    reply = asyncio.run(OpenAIImages(worker).handle({"id": "openai", "input": job}))
+    assert reply["size"] == "256x256", reply
+    assert reply["data"][0]["url"] == run_input(worker, "native", body)["image_url"]
