@@ -46,10 +46,10 @@ def job_output(
     output: dict[str, Any] = {"image_url": urls[0]}
     if request.num_images > 1:
         output["images"] = [{"image_url": url, "seed": s} for url, s in zip(urls, seeds, strict=True)]
-    timings = {key: clock.timings.get(key, 0.0) for key in TIMING_KEYS}
     price = getattr(settings, MODELS[request.model].price_field)
     if request.upscale is not None:  # priced by the output's size, whatever the model
         price = per_megapixel(settings.upscale_price_per_mp_usd, request.width, request.height)
+    timings = {key: clock.timings.get(key, 0.0) for key in TIMING_KEYS}
     timings["total"] = clock.total_ms()
     output.update(
         seed=seeds[0],
