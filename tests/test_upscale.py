@@ -40,6 +40,7 @@ from tests.conftest import data_uri_of, decode_data_uri, handle_job, run_input
 from tests.loopback_servers import BUCKET, KEY_ID, SECRET, MotoServer
 from tests.test_concurrency import _stop_after_first_step
 from tests.tiny_controlnets import save_tile_controlnet
+from tests.tiny_loras import make_lora, save_lora
 
 PROMPT = "a harbour at dawn, fine detail"
 
@@ -82,13 +83,16 @@ def pixels(output: dict) -> np.ndarray:
 def tiled(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Worker:
     """Tiles of 256 pixels (below UPSCALE_TILE's 512: set directly, as only a test does) and a
     tiny Tile ControlNet from its single-file release."""
-    file = save_tile_controlnet(tiny_model, tmp_path_factory.mktemp("tile"))
+    root = tmp_path_factory.mktemp("tile")
+    file = save_tile_controlnet(tiny_model, root)
+    save_lora(*make_lora(tiny_model, seed=5), root / "loras" / "style.safetensors", "kohya")
     return Worker.start(
         Settings(
             model=str(tiny_model),
             safety_checker_model="none",
             tile_controlnet_model=str(file),
             upscale_tile=256,
+            lora_dirs=(str(root / "loras"),),
         )
     )
 
@@ -376,3 +380,14 @@ def test_the_openai_edits_route_takes_upscale_through_extra_body(worker):
     reply = asyncio.run(OpenAIImages(worker).handle({"id": "openai", "input": job}))
     assert reply["size"] == "256x256", reply
     assert reply["data"][0]["url"] == run_input(worker, "native", body)["image_url"]
+
+
+def test_a_lora_applies_to_every_tile(tiled):
+    plain = pixels(run_input(tiled, "plain", job(LONG, strength=0.5)))
+    styled = run_input(
+        tiled, "lora", job(LONG, strength=0.5, loras=[{"path": "style.safetensors", "scale": 2.0}])
+    )
+    assert (styled["width"], styled["height"]) == (384, 192)
+    assert np.abs(pixels(styled) - plain).max() > 10
+    again = run_input(tiled, "again", job(LONG, strength=0.5))
+    assert np.array_equal(pixels(again), plain)  # the base weights again
