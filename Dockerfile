@@ -65,6 +65,9 @@ RUN pip install --no-cache-dir --require-hashes --no-deps --target /opt/fp8 -r /
 #    <repo name>.safetensors; 2.1 is 6.7 GB) and DEPTH_REPO beside it; none: no control.
 #    POSE_REPO (a ViTPose, 0.36 GB for vitpose-base-simple) and POSE_DETECTOR_REPO (an RT-DETR
 #    person detector, 0.17 GB) are baked beside a ControlNet too; POSE_REPO=none: no pose.
+#    TILE_CONTROLNET bakes the Tile ControlNet for upscaling, named as TILE_CONTROLNET_MODEL
+#    names it (Org/Name/file.safetensors: alibaba-pai/Z-Image-Turbo-Fun-Controlnet-Union-2.1/
+#    Z-Image-Turbo-Fun-Controlnet-Tile-2.1-8steps.safetensors, 6.7 GB); none: upscaling without it.
 ARG ZIMAGE_REPO=Tongyi-MAI/Z-Image-Turbo
 ARG ZIMAGE_REVISION=
 ARG SAFETY_REPO=Falconsai/nsfw_image_detection
@@ -83,6 +86,8 @@ ARG POSE_REPO=usyd-community/vitpose-base-simple
 ARG POSE_REVISION=
 ARG POSE_DETECTOR_REPO=PekingU/rtdetr_r50vd_coco_o365
 ARG POSE_DETECTOR_REVISION=
+ARG TILE_CONTROLNET=none
+ARG TILE_CONTROLNET_REVISION=
 COPY builder/download_weights.py /opt/builder/download_weights.py
 RUN case "$BAKE_WEIGHTS" in \
       1) turbo="$ZIMAGE_REPO" ;; \
@@ -99,7 +104,8 @@ RUN case "$BAKE_WEIGHTS" in \
       --depth-repo "$DEPTH_REPO" --depth-revision "$DEPTH_REVISION" \
       --expander-repo "$PROMPT_EXPANDER_REPO" --expander-revision "$PROMPT_EXPANDER_REVISION" \
       --pose-repo "$POSE_REPO" --pose-revision "$POSE_REVISION" \
-      --pose-detector-repo "$POSE_DETECTOR_REPO" --pose-detector-revision "$POSE_DETECTOR_REVISION"
+      --pose-detector-repo "$POSE_DETECTOR_REPO" --pose-detector-revision "$POSE_DETECTOR_REVISION" \
+      --tile-controlnet "$TILE_CONTROLNET" --tile-controlnet-revision "$TILE_CONTROLNET_REVISION"
 
 # The worker looks for the repos it was built with; at run time it never reaches the Hub
 # (weights missing from every local place stop it at start, with where it looked).
@@ -108,6 +114,7 @@ ENV ZIMAGE_MODEL=$ZIMAGE_REPO \
     ZIMAGE_BASE_MODEL=$ZIMAGE_BASE_REPO \
     SAFETY_CHECKER_MODEL=$SAFETY_REPO \
     CONTROLNET_MODEL=$CONTROLNET_REPO \
+    TILE_CONTROLNET_MODEL=$TILE_CONTROLNET \
     DEPTH_MODEL=$DEPTH_REPO \
     PROMPT_EXPANDER_MODEL=$PROMPT_EXPANDER_REPO \
     POSE_MODEL=$POSE_REPO \

@@ -6,7 +6,8 @@ The models are built on the meta device from their published configs (benchmarks
 src/control/configs.py): every byte count is exact, no weight is read. The smaller parts are
 counted from their published parameter counts. Working memory is src/model/memory.py's estimate
 for the largest accepted job (2048x2048, 4 images, guidance, control where loaded, LORA_MAX_LOADED
-adapters of rank memory.LORA_RANK, expansion where loaded). docs/memory.md holds its output.
+adapters of rank memory.LORA_RANK or as few as the plan keeps, expansion where loaded, and a
+4096x4096 upscale in tiles of 1024). docs/memory.md holds its output.
 """
 
 from __future__ import annotations
@@ -45,20 +46,23 @@ def presets() -> dict[str, tuple[memory.Parts, memory.Shapes]]:
         with torch.device("meta"):
             config = release_config("2.1", turbo.transformer.config)
             controlnet = ZImageControlNetModel(**config)
+            tile = ZImageControlNetModel(**config)  # Tile 2.1: Union 2.1's architecture (configs.py)
     finally:
         torch.set_default_dtype(previous)
     encoders, vaes = [turbo.text_encoder], [turbo.vae]
     rows = {
-        "Turbo": ([turbo.transformer], None, 0, 0),
-        "Turbo + base": ([turbo.transformer, base], None, 0, 0),
-        "Turbo + ControlNet": ([turbo.transformer], controlnet, 0, CONTROL_HELPERS),
-        "Turbo + expander": ([turbo.transformer], None, EXPANDER, 0),
+        "Turbo": ([turbo.transformer], None, None, 0, 0),
+        "Turbo + base": ([turbo.transformer, base], None, None, 0, 0),
+        "Turbo + ControlNet": ([turbo.transformer], controlnet, None, 0, CONTROL_HELPERS),
+        "Turbo + Tile ControlNet": ([turbo.transformer], None, tile, 0, 0),
+        "Turbo + expander": ([turbo.transformer], None, None, EXPANDER, 0),
     }
     table = {}
-    for name, (transformers, control, expander, helpers) in rows.items():
-        parts = placement.measure(transformers, encoders, vaes, control)
+    for name, (transformers, control, tiles, expander, helpers) in rows.items():
+        parts = placement.measure(transformers, encoders, vaes, control, tile_controlnet=tiles)
         parts = memory.replace(parts, expander=expander, others=SAFETY + helpers)
-        table[name] = parts, placement.shapes_of(turbo.transformer, turbo.vae, turbo.text_encoder, control)
+        shapes = placement.shapes_of(turbo.transformer, turbo.vae, turbo.text_encoder, control, tiles)
+        table[name] = parts, shapes
     return table
 
 
@@ -73,9 +77,13 @@ def rows() -> list[str]:
         for card in CARDS:
             try:
                 choice = memory.choose("auto", parts, shapes, card * GB, CONTEXT, job)
-                cells.append(f"`{choice.plan.name}`, {(choice.need + CONTEXT) / GB:.1f} GB (estimated)")
+                cells.append(
+                    f"`{choice.plan.name}`, {choice.lora_slots} LoRA slots, "
+                    f"{(choice.need + CONTEXT) / GB:.1f} GB (estimated)"
+                )
             except MemoryRefusal:
-                need = memory.need(memory.TABLE["fp8"], parts, shapes, job) + CONTEXT
+                fewest = memory.replace(job, loras=memory.MIN_LORA_SLOTS)
+                need = memory.need(memory.TABLE["fp8"], parts, shapes, fewest) + CONTEXT
                 cells.append(f"refused: fp8 needs {need / GB:.1f} GB (estimated)")
         lines.append(f"| {name} | {parts.total / GB:.1f} GB | " + " | ".join(cells) + " |")
     return lines

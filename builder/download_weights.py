@@ -118,6 +118,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="the single-file release to take from --controlnet-repo (default: <repo name>.safetensors)",
     )
     parser.add_argument(
+        "--tile-controlnet",
+        type=_none_if_empty,
+        default="none",
+        help="the Tile ControlNet for upscaling as TILE_CONTROLNET_MODEL names it, Org/Name/file.safetensors "
+        "(alibaba-pai keeps Tile 2.1 beside Union 2.1), or 'none' (the default)",
+    )
+    parser.add_argument(
+        "--tile-controlnet-revision", type=_revision, default=None, help="branch, tag or commit"
+    )
+    parser.add_argument(
         "--bf16-components",
         nargs="*",
         default=list(BF16_COMPONENTS),
@@ -132,7 +142,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         repo = getattr(args, f"{name.replace('-', '_')}_repo")
         if repo.lower() != "none" and repo.count("/") != 1:
             parser.error(f"--{name}-repo: {repo!r} is not a repo id of the form Org/Name (or none)")
-    repos = (args.zimage_repo, args.safety_repo, args.controlnet_repo, args.base_repo, args.expander_repo)
+    if args.tile_controlnet.lower() != "none":
+        repo, _, file = args.tile_controlnet.rpartition("/")
+        if repo.count("/") != 1 or not file.endswith(".safetensors"):
+            parser.error(
+                f"--tile-controlnet: {args.tile_controlnet!r} is not Org/Name/file.safetensors (or none), "
+                "e.g. alibaba-pai/Z-Image-Turbo-Fun-Controlnet-Union-2.1/"
+                "Z-Image-Turbo-Fun-Controlnet-Tile-2.1-8steps.safetensors"
+            )
+    repos = (
+        args.zimage_repo,
+        args.safety_repo,
+        args.controlnet_repo,
+        args.base_repo,
+        args.expander_repo,
+        args.tile_controlnet,
+    )
     if all(repo.lower() == "none" for repo in repos):
         parser.error(
             "--zimage-repo and --safety-repo are both 'none': there is nothing to bake "
@@ -523,6 +548,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             ):
                 folder = repo_folder(args.dest, repo)
                 download(repo, revision, folder, "classifier", args.retries, args.endpoint)
+
+    # 6. The Tile ControlNet for upscaling: one release file, into its repo's folder (beside the
+    #    Union release when both come from alibaba-pai's Union 2.1 repo), where the worker looks.
+    if args.tile_controlnet.lower() != "none":
+        repo, _, file = args.tile_controlnet.rpartition("/")
+        folder = repo_folder(args.dest, repo)
+        download(
+            repo, args.tile_controlnet_revision, folder, "controlnet", args.retries, args.endpoint, file=file
+        )
     return 0
 
 

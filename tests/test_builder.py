@@ -32,7 +32,7 @@ from builder import download_weights as dw
 from src.control.controlnet import load_controlnet
 from src.model.family import same_files
 from src.model.files import SearchRoots, missing_classifier_files, missing_pipeline_files
-from tests.tiny_controlnets import build_tiny_depth, save_controlnet
+from tests.tiny_controlnets import build_tiny_depth, save_controlnet, save_tile_controlnet
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 # Files a real repo may hold besides what the worker loads: none of them may be fetched.
@@ -501,6 +501,39 @@ def test_main_bakes_one_controlnet_release_and_the_depth_model_where_the_worker_
     controlnet = load_controlnet(repo, transformer, torch.float32, roots)
     assert controlnet.config.add_control_noise_refiner == "control_noise_refiner"
     assert missing_classifier_files(models / "Depth-Anything-V2-Small-hf") == []
+
+
+def test_main_bakes_the_tile_controlnet_beside_the_union_where_the_worker_looks(tiny_model, tmp_path):
+    """TILE_CONTROLNET names one file of alibaba-pai's Union 2.1 repo: only it comes down, into that
+    repo's folder, and TILE_CONTROLNET_MODEL (the same string) finds it there."""
+    repo = "alibaba-pai/Z-Image-Turbo-Fun-Controlnet-Union-2.1"
+    tile_file = "Z-Image-Turbo-Fun-Controlnet-Tile-2.1-8steps.safetensors"
+    release = save_tile_controlnet(tiny_model, tmp_path / "made")
+    files = {
+        "Z-Image-Turbo-Fun-Controlnet-Union-2.1.safetensors": b"not fetched",
+        tile_file: release.read_bytes(),
+    }
+    server = LoopbackHub({repo: files})
+    setting = f"{repo}/{tile_file}"
+    try:
+        models = tmp_path / "models"
+        args = ["--zimage-repo", "none", "--safety-repo", "none", "--tile-controlnet", setting]
+        assert dw.main(["--dest", str(models), "--endpoint", server.url, *args]) == 0
+        assert server.fetched(repo) == {tile_file}
+    finally:
+        server.close()
+    transformer = ZImageTransformer2DModel.from_pretrained(tiny_model / "transformer")
+    roots = SearchRoots(
+        runpod_cache=tmp_path / "rp", volume=tmp_path / "vol", baked=models, hf_cache=tmp_path / "hf"
+    )
+    tile = load_controlnet(setting, transformer, torch.float32, roots, "TILE_CONTROLNET_MODEL")
+    assert tile.config.add_control_noise_refiner == "control_noise_refiner"
+
+
+def test_the_tile_controlnet_build_arg_is_a_file_of_a_repo_or_none():
+    assert dw.parse_args(["--tile-controlnet", ""]).tile_controlnet == "none"
+    with pytest.raises(SystemExit):
+        dw.parse_args(["--tile-controlnet", "alibaba-pai/Z-Image-Turbo-Fun-Controlnet-Union-2.1"])
 
 
 def test_an_unset_controlnet_build_arg_bakes_no_controlnet():

@@ -196,7 +196,7 @@ def test_corrupt_or_foreign_weights_stop_the_start(releases, transformer, tmp_pa
         load_controlnet(str(truncated), transformer, torch.float32)
     foreign = tmp_path / "lora.safetensors"
     save_file({"layers.0.attention.to_q.lora_A.weight": torch.zeros(4, 32)}, foreign)
-    with pytest.raises(ModelNotFound, match="is not a Z-Image-Turbo Fun ControlNet Union release"):
+    with pytest.raises(ModelNotFound, match="is not a Z-Image-Turbo Fun ControlNet release"):
         load_controlnet(str(foreign), transformer, torch.float32)
     wider = {**transformer.config, "dim": 64}  # a release for another model than ZIMAGE_MODEL
     with pytest.raises(ModelNotFound, match="looks like release 2.1 but its tensors do not fit"):

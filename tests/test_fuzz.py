@@ -157,6 +157,23 @@ near_rules = {
             0.5,
         ]
     ),
+    # Valid ones stay small: the 32x32 sample image times the factor.
+    "upscale": st.sampled_from(
+        [
+            {},
+            {"factor": 2.0},
+            {"factor": 4},
+            {"factor": 1.0},
+            {"factor": 4.5},
+            {"factor": "2"},
+            {"factor": True},
+            {"factor": math.nan},
+            {"scale": 2},
+            None,
+            2,
+            [2],
+        ]
+    ),
 }
 field_values = st.sampled_from(list(FIELDS)).flatmap(
     lambda name: st.tuples(st.just(name), near_rules[name] | json_values)
@@ -184,14 +201,15 @@ def assert_actionable(message: str, raw: object) -> None:
     names = {"input", *FIELDS, *keys, *(repr(k[:40]) + ("..." if len(k) > 40 else "") for k in keys)}
     # An entry of `loras` is named by its index (and key): `loras[0].path: ...`.
     lora_entry = re.match(r"loras\[\d+\](\.\w+)?: ", message) is not None
-    # A key of `outpaint` or `seed_variance` is named inside it: `outpaint.left: ...`.
-    lora_entry |= re.match(r"(outpaint|seed_variance)\.\S+: ", message) is not None
+    # A key of `outpaint`, `upscale` or `seed_variance` is named inside it: `outpaint.left: ...`.
+    lora_entry |= re.match(r"(outpaint|upscale|seed_variance)\.\S+: ", message) is not None
     assert lora_entry or any(message.startswith(f"{name}:") for name in names), message[:200]
 
 
 def assert_sound(request: GenerateRequest) -> None:
     """Every accepted request is within the contract, with real types (no silent coercion)."""
-    assert type(request.prompt) is str and request.prompt.strip() and len(request.prompt) <= 4000
+    assert type(request.prompt) is str and len(request.prompt) <= 4000
+    assert request.prompt.strip() or request.upscale is not None  # an upscale may leave it blank
     if request.size != "auto":  # resolved when the picture is open
         assert request.width % 16 == 0 and request.height % 16 == 0
         assert 256 <= request.width <= 2048 and 256 <= request.height <= 2048
@@ -268,8 +286,8 @@ def _tiny_if_valid(raw: object) -> tuple[object, str | None]:
         return raw, str(err)
     assert isinstance(raw, dict)
     tiny = {**raw, **TINY}  # still valid: only the cost changes
-    if raw.get("outpaint") is not None:
-        del tiny["size"]  # outpainting takes the canvas's size (`auto`), and no other
+    if raw.get("outpaint") is not None or raw.get("upscale") is not None:
+        del tiny["size"]  # outpainting and upscaling make their own size (`auto`), and no other
     parse_request(tiny)
     return tiny, None
 

@@ -157,6 +157,12 @@ def test_sections_measure_what_they_name(tiny_run):
     assert all(row["oom"] is False and row["estimate_gib"] > 0 and row["seconds"] > 0 for row in jobs), jobs
     timed = [row for row in rows if row["section"] == "memory" and "vs_resident" in row]
     assert [row["plan"] for row in timed] == list(PLANS) and timed[0]["vs_resident"] == 1.0
+    # Upscaling: 2x and 4x of a 128x128 picture in tiles of 256, without and with a Tile ControlNet.
+    ups = [row for row in rows if row["section"] == "upscaling"]
+    sizes = ["128*128 -> 256*256", "128*128 -> 512*512"]
+    expected = [(tile, size) for tile in (False, True) for size in sizes]
+    assert [(row["tile_controlnet"], row["size"]) for row in ups] == expected
+    assert [row["tiles"] for row in ups] == [1, 9, 1, 9] and all(row["refine_ms"] > 0 for row in ups), ups
     loop = [row for row in rows if row["section"] == "job_loop"]
     assert loop and ("skipped" in loop[0]) == (not (ROOT / "benchmarks" / "loop" / "job_loop.py").exists())
 

@@ -1,6 +1,7 @@
 """Memory plans on the tiny models (API.md, "GPU memory: a plan for the card").
 
-One worker per plan, each serving both models, a 2.1 ControlNet and a LoRA folder: every plan is
+One worker per plan, each serving both models, a 2.1 ControlNet, a Tile ControlNet and a LoRA
+folder: every plan is
 forced by name and runs every kind of job; `auto` reaches each plan from a budget just above that
 plan's need (src/model/memory.py), measured on these same models.
 """
@@ -11,6 +12,7 @@ import io
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +28,7 @@ from src.model.placement import KEPT, STORAGE, castable, worst_job
 from src.request.parse import parse_request
 from src.runtime.settings import MEMORY_PLANS, Settings, SettingsError
 from tests.conftest import ROOT, data_uri_of, decode_data_uri, handle_job, png_bytes
-from tests.tiny_controlnets import save_controlnet
+from tests.tiny_controlnets import save_controlnet, save_tile_controlnet
 from tests.tiny_loras import make_lora, save_lora
 
 JOB = {"prompt": "a lighthouse at dusk", "size": "256*256", "seed": 21, "num_inference_steps": 2}
@@ -40,6 +42,7 @@ def folders(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     return {
         "base": build_tiny_base(tiny_model, root / "base"),
         "controlnet": save_controlnet(tiny_model, "2.1", root / "controlnet")[1],
+        "tile": save_tile_controlnet(tiny_model, root / "tile"),
         "loras": loras,
     }
 
@@ -49,6 +52,7 @@ def settings(tiny_model: Path, folders: dict[str, Path], **extra) -> Settings:
         model=str(tiny_model),
         base_model=str(folders["base"]),
         controlnet_model=str(folders["controlnet"]),
+        tile_controlnet_model=str(folders["tile"]),
         depth_model="none",
         safety_checker_model="none",
         lora_dirs=(str(folders["loras"]),),
@@ -83,6 +87,7 @@ def kinds() -> dict[str, dict]:
         "control": {"control_image": picture},
         "lora": {"loras": [{"path": "style.safetensors", "scale": 1.0}]},
         "base model": {"model": "z-image", "num_inference_steps": 2, "guidance_scale": 3.0},
+        "upscale": {"image": picture, "upscale": {"factor": 2.0}, "size": "auto", "strength": 0.5},
     }
 
 
@@ -160,7 +165,8 @@ def memory_job(workers) -> Job:
 def test_auto_picks_the_first_plan_that_fits(workers, plan):
     placed = workers["resident"].placement
     job = memory_job(workers)
-    budget = memory.need(TABLE[plan], placed.parts, placed.shapes, job)
+    # With the fewest LoRA slots: with more, an earlier plan with fewer slots may fit the budget.
+    budget = memory.need(TABLE[plan], placed.parts, placed.shapes, replace(job, loras=memory.MIN_LORA_SLOTS))
     assert memory.choose("auto", placed.parts, placed.shapes, budget, job=job).plan.name == plan
     assert memory.choose("auto", placed.parts, placed.shapes, budget + 1, job=job).plan.name == plan
     forced = memory.choose("resident", placed.parts, placed.shapes, budget, job=job)
@@ -169,14 +175,56 @@ def test_auto_picks_the_first_plan_that_fits(workers, plan):
 
 def test_below_fp8s_need_the_worker_refuses_to_start(tiny_model, folders, workers):
     placed = workers["resident"].placement
-    need = memory.need(TABLE["fp8"], placed.parts, placed.shapes, memory_job(workers))
+    fewest = replace(memory_job(workers), loras=memory.MIN_LORA_SLOTS)  # the slots it may drop to
+    need = memory.need(TABLE["fp8"], placed.parts, placed.shapes, fewest)
     too_little = (need - 1) / GB
     with pytest.raises(MemoryRefusal) as refused:
         Worker.start(settings(tiny_model, folders, gpu_memory_gb=too_little))
     message = str(refused.value)
     assert message.startswith("GPU_MEMORY_GB:") and "GB" in message
     assert f"{(need) / GB:.3g} GB" in message
-    assert "CONTROLNET_MODEL=none" in message
+    assert "CONTROLNET_MODEL=none" in message and "TILE_CONTROLNET_MODEL=none" in message
+
+
+def test_lora_slots_are_part_of_the_plan(workers):
+    """`auto` keeps LORA_MAX_LOADED slots where they fit, and fewer (never below 3) where that lets
+    an earlier plan fit; the log line and the adapters follow."""
+    placed = workers["resident"].placement
+    job = memory_job(workers)
+    assert job.loras == 6 and placed.choice.lora_slots == 6 and placed.line.endswith("6 LoRA slots")
+    # A budget between resident's need with 3 slots and with 6: resident, with the slots that fit.
+    with_three = memory.need(TABLE["resident"], placed.parts, placed.shapes, replace(job, loras=3))
+    with_four = memory.need(TABLE["resident"], placed.parts, placed.shapes, replace(job, loras=4))
+    assert with_three < with_four
+    choice = memory.choose("auto", placed.parts, placed.shapes, with_four, job=job)
+    assert (choice.plan.name, choice.lora_slots, choice.fits) == ("resident", 4, True)
+    choice = memory.choose("auto", placed.parts, placed.shapes, with_three, job=job)
+    assert (choice.plan.name, choice.lora_slots) == ("resident", 3)
+    # Below resident's need with 3 slots, the next plan, with as many slots as fit it.
+    choice = memory.choose("auto", placed.parts, placed.shapes, with_three - 1, job=job)
+    assert choice.plan.name == "sliced" and choice.lora_slots == 6
+
+
+def test_the_worker_keeps_the_slots_its_plan_names(tiny_model, folders, workers):
+    placed = workers["resident"].placement
+    job = memory_job(workers)
+    budget = memory.need(TABLE["resident"], placed.parts, placed.shapes, replace(job, loras=4))
+    worker = Worker.start(settings(tiny_model, folders, gpu_memory_gb=budget / GB))
+    assert worker.placement.choice.plan.name == "resident" and worker.placement.choice.lora_slots == 4
+    assert worker.placement.line.endswith(", 4 LoRA slots")
+    assert all(served.loras.max_loaded == 4 for served in worker.models.values())
+
+
+def test_the_estimate_counts_the_tile_controlnet_and_an_upscale(workers):
+    placed = workers["resident"].placement
+    assert placed.parts.tile_controlnet > 0 and placed.shapes.tile_hints > 0
+    assert "Tile ControlNet on cpu" in placed.line
+    plan, big_tiles = TABLE["sliced"], replace(memory_job(workers), tile=2048)
+    upscale = memory.upscale_bytes(placed.shapes, big_tiles, plan, tile_control=True)
+    plain = memory.upscale_bytes(placed.shapes, big_tiles, plan, tile_control=False)
+    # The canvas at 4096x4096 alone: latents and pixels in and out; a tile's hints on top.
+    assert upscale > plain > 3 * 4096 * 4096 * 4 * 2
+    assert memory.upscale_bytes(placed.shapes, replace(memory_job(workers), upscale=False), plan, True) == 0
 
 
 @pytest.fixture(scope="module")

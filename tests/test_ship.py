@@ -159,6 +159,9 @@ def test_build_args_and_their_defaults():
     expander = '--expander-repo "$PROMPT_EXPANDER_REPO" --expander-revision "$PROMPT_EXPANDER_REVISION"'
     assert expander in weights
     assert "--dest /models " in weights
+    assert args["TILE_CONTROLNET"] == "none" == Settings().tile_controlnet_model
+    tile = '--tile-controlnet "$TILE_CONTROLNET" --tile-controlnet-revision "$TILE_CONTROLNET_REVISION"'
+    assert tile in weights
 
 
 def test_the_image_serves_the_models_it_was_built_with():
@@ -166,6 +169,7 @@ def test_the_image_serves_the_models_it_was_built_with():
     assert {"ZIMAGE_MODEL=$ZIMAGE_REPO", "ZIMAGE_BASE_MODEL=$ZIMAGE_BASE_REPO"} <= set(env)
     assert {"SAFETY_CHECKER_MODEL=$SAFETY_REPO", "CONTROLNET_MODEL=$CONTROLNET_REPO"} <= set(env)
     assert "PROMPT_EXPANDER_MODEL=$PROMPT_EXPANDER_REPO" in env
+    assert "TILE_CONTROLNET_MODEL=$TILE_CONTROLNET" in env
 
 
 def run_weights_step(hub, tmp_path: Path, **build_args: str) -> Path:

@@ -44,6 +44,17 @@ def save_controlnet(model: Path, version: str, folder: Path, seed: int = 0) -> t
     return folder / "diffusers", file
 
 
+def save_tile_controlnet(model: Path, folder: Path, seed: int = 3) -> Path:
+    """Tile 2.1 as alibaba-pai ships it: the Union 2.1 layout, one file under the Tile release's name."""
+    state = {
+        key: value.contiguous() for key, value in tiny_controlnet(model, "2.1", seed).state_dict().items()
+    }
+    file = folder / "Z-Image-Turbo-Fun-Controlnet-Tile-2.1-8steps.safetensors"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state, file)
+    return file
+
+
 def build_tiny_depth(path: Path) -> Path:
     """A real DepthAnythingForDepthEstimation on a 1-layer DINOv2, with a DPT processor at 56 px."""
     torch.manual_seed(0)

@@ -41,11 +41,11 @@ BUDGET_S = 480
 BOXES = {
     "machine": 15,  # nvidia-smi, one matrix product, the import of every pinned package
     # Time a section leaves unused flows on to the next.
-    "load": 110,  # build 10B random bf16 params, save ~20 GB (the least known cost), reload it
-    "text_to_image": 65,  # 4 sizes x 6 worker jobs, and as many bare diffusers calls
-    "attention": 40,  # each installed backend, guidance 0 and > 0, 3 jobs each
-    "fp8": 30,  # load, quantize, 6 jobs
-    "compile": 60,  # load, regional compile warmed over every preset size, 6 jobs
+    "load": 105,  # build 10B random bf16 params, save ~20 GB (the least known cost), reload it
+    "text_to_image": 60,  # 4 sizes x 6 worker jobs, and as many bare diffusers calls
+    "attention": 35,  # each installed backend, guidance 0 and > 0, 3 jobs each
+    "fp8": 25,  # load, quantize, 6 jobs
+    "compile": 55,  # load, regional compile warmed over every preset size, 6 jobs
     # text-to-image for reference, image-to-image, num_images 4, the acceleration levels regular
     # and high on Turbo (4 jobs each), inpainting, outpainting (the picture widened to 16:9: 3 jobs
     # at 1808*1024, from 1024x1024), a LoRA, control (a random 3.36B ControlNet built
@@ -53,11 +53,16 @@ BOXES = {
     # then 3 jobs of 50 steps with guidance: 2 x 50 passes an image, about 12x a Turbo job, some
     # 25 s), and the base at acceleration high (2 jobs). attention, fp8 and compile gave it 30 s;
     # load and text_to_image 15 s for the acceleration rows.
-    "modes": 85,
+    "modes": 80,
     # The memory plans (benchmarks/gpu/memory.py): 16 and 24 GB emulated, the worst jobs on each,
-    # and every plan's 1024x1024 time; five worker starts from the saved model. 50 s is a guess
-    # (never run on a GPU yet): load, compile and modes gave it 15, 15 and 20 s.
-    "memory": 50,
+    # and every plan's 1024x1024 time; five worker starts from the saved model. 40 s is a guess
+    # (never run on a GPU yet): load, compile and modes gave it 15, 15 and 20 s, upscaling took 10.
+    "memory": 40,
+    # Upscaling (benchmarks/gpu/upscaling.py): 1024 -> 2048 and -> 4096 without and with a random
+    # Tile ControlNet: 9 and 25 tiles x 3 steps each, about 60 and 90 tile passes at 1024x1024 with
+    # the ControlNet's half again, tiled VAE over 16 MP. 40 s is a guess (never run on a GPU yet):
+    # load, text_to_image, attention, fp8, compile and modes gave it 5 s each, memory 10 s.
+    "upscaling": 40,
     "job_loop": 15,  # benchmarks/loop/job_loop.py --quick, where it exists (it loads the model too)
 }
 MIN_BOX_S = 2

@@ -14,6 +14,7 @@ plan's need on the tiny model, and the jobs are small: the code paths, not the f
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -60,8 +61,9 @@ def estimate(worker: Worker, job_input: dict[str, Any]) -> float:
         images=job_input.get("num_images", 1),
         guidance=job_input.get("guidance_scale", 0) > 0,
         control=False,
-        loras=worst_job(worker.settings.lora_max_loaded).loras,
+        loras=placed.choice.lora_slots,  # the slots the plan keeps loaded
         expansion=False,
+        upscale=False,
     )
     plan = placed.choice.plan
     batch = memory.largest_batch(plan, placed.parts, placed.shapes, job, placed.budget)
@@ -73,7 +75,8 @@ def cards() -> dict[str, float]:
     if CUDA:
         return {f"{card} GB": float(card) for card in CARDS_GB}
     placed = start_worker().placement
-    job = worst_job(Settings.lora_max_loaded)
+    # With the fewest LoRA slots: with more, an earlier plan with fewer slots would fit the budget.
+    job = replace(worst_job(Settings.lora_max_loaded), loras=memory.MIN_LORA_SLOTS)
     # Two "cards", as on the GPU: one that fits `sliced`, one that only `fp8` fits.
     return {
         f"tiny, fits {name}": memory.need(TABLE[name], placed.parts, placed.shapes, job) / GB
@@ -92,11 +95,9 @@ def on_card(card: str, budget_gb: float, loras: dict[str, Any]) -> None:
     except MemoryRefusal as refused:
         emit("memory", {"card": card, "refused": str(refused)[:300]})
         return
-    plan = worker.placement.choice.plan.name
-    emit(
-        "memory",
-        {"card": card, "step": "start", "plan": plan, "start_s": round(time.perf_counter() - started, 2)},
-    )
+    plan, slots = worker.placement.choice.plan.name, worker.placement.choice.lora_slots
+    start_s = round(time.perf_counter() - started, 2)
+    emit("memory", {"card": card, "step": "start", "plan": plan, "lora_slots": slots, "start_s": start_s})
     for name, job_input in worst_jobs(not CUDA).items():
         reset_peak()
         started = time.perf_counter()

@@ -352,6 +352,12 @@ def memory_plans() -> None:
     run()
 
 
+def upscaling() -> None:
+    from benchmarks.gpu.upscaling import run  # it imports this module's helpers
+
+    run()
+
+
 SECTIONS = {
     "load": load,
     "cold_start": cold_start,
@@ -361,6 +367,7 @@ SECTIONS = {
     "compile": compile_blocks,
     "modes": modes,
     "memory": memory_plans,
+    "upscaling": upscaling,
 }
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""CONTROLNET_MODEL: find Z-Image-Turbo Fun ControlNet Union and load it at start, beside the transformer.
+"""CONTROLNET_MODEL: find Z-Image-Turbo Fun ControlNet Union and load it at start, beside the transformer;
+TILE_CONTROLNET_MODEL (the Tile 2.1 release: Union 2.1's architecture) is found and loaded the same way.
 
 The setting names a diffusers folder (config.json + safetensors), alibaba-pai's single `.safetensors`
 release (a file, or a folder holding it; src/control/configs.py supplies its config), or a repo id
@@ -38,6 +39,7 @@ from src.model.files import (
 
 log = logging.getLogger(__name__)
 
+# The setting a ControlNet comes from: the Union (control) by default, TILE_CONTROLNET_MODEL for upscaling.
 NAME = "CONTROLNET_MODEL"
 # What a diffusers-format ControlNet repo holds (ZImageControlNetModel.save_pretrained's names).
 DIFFUSERS_FILES = ["config.json", "diffusion_pytorch_model*.safetensors", "*.safetensors.index.json"]
@@ -53,16 +55,20 @@ def missing_controlnet_files(folder: Path) -> list[str]:
 
 
 def load_controlnet(
-    setting: str, transformer: ZImageTransformer2DModel, dtype: torch.dtype, roots: SearchRoots | None = None
+    setting: str,
+    transformer: ZImageTransformer2DModel,
+    dtype: torch.dtype,
+    roots: SearchRoots | None = None,
+    name: str = NAME,
 ) -> ZImageControlNetModel:
-    """The ControlNet the setting names, in `dtype`, checked to fit `transformer`."""
-    where = find_controlnet(setting, roots)
+    """The ControlNet the setting `name` names, in `dtype`, checked to fit `transformer`."""
+    where = find_controlnet(setting, roots, name)
     if where.is_dir() and (where / "config.json").is_file():
-        controlnet, version = _from_folder(where, transformer.config, dtype), "diffusers folder"
+        controlnet, version = _from_folder(where, transformer.config, dtype, name), "diffusers folder"
     else:
         # Its body is the transformer's by construction (controlnet_configs.release_config).
-        file = where if where.is_file() else _release_file(where)
-        controlnet, version = load_release(file, transformer.config, dtype)
+        file = where if where.is_file() else _release_file(where, name)
+        controlnet, version = load_release(file, transformer.config, dtype, name)
     log.info(
         "ControlNet %s (%s): control_in_dim %d, %d control layers",
         where,
@@ -79,19 +85,20 @@ def inpaints(controlnet: ZImageControlNetModel, transformer: ZImageTransformer2D
 
 
 def load_release(
-    file: Path, transformer_config: Mapping[str, Any], dtype: torch.dtype
+    file: Path, transformer_config: Mapping[str, Any], dtype: torch.dtype, name: str = NAME
 ) -> tuple[ZImageControlNetModel, str]:
     """An alibaba-pai single-file release: its version from its keys, the config the worker ships."""
     try:
         state = load_file(file)
     except (OSError, SafetensorError) as err:
-        raise _broken(file, err) from None
+        raise _broken(file, err, name) from None
     version = detect_version(state)
     if version is None:
         sample = ", ".join(sorted(state)[:3]) or "no tensors"
         raise ModelNotFound(
-            f"{NAME}: {file} is not a Z-Image-Turbo Fun ControlNet Union release: it has no {KEY_ANY} "
-            f"(it holds {sample}, ...). Use alibaba-pai's Z-Image-Turbo-Fun-Controlnet-Union 1.0, 2.0 or 2.1."
+            f"{name}: {file} is not a Z-Image-Turbo Fun ControlNet release: it has no {KEY_ANY} "
+            f"(it holds {sample}, ...). Use alibaba-pai's Z-Image-Turbo-Fun-Controlnet-Union 1.0, 2.0 or "
+            "2.1, or -Tile-2.1."
         )
     config = release_config(version, transformer_config)
     # Dropped as diffusers' convert_z_image_controlnet_checkpoint_to_diffusers drops them: 2.0 does not
@@ -105,7 +112,7 @@ def load_release(
     except RuntimeError as err:
         cause = " ".join(str(err).split())[:300]
         raise ModelNotFound(
-            f"{NAME}: {file} looks like release {version} but its tensors do not fit that layout "
+            f"{name}: {file} looks like release {version} but its tensors do not fit that layout "
             f"with ZIMAGE_MODEL's transformer ({cause}). Use a release for Z-Image-Turbo, downloaded whole."
         ) from None
     return controlnet, version
@@ -125,25 +132,25 @@ def repo_and_file(setting: str) -> tuple[str, str] | None:
     return None
 
 
-def find_controlnet(setting: str, roots: SearchRoots | None) -> Path:
+def find_controlnet(setting: str, roots: SearchRoots | None, name: str = NAME) -> Path:
     named = repo_and_file(setting)
     if named is not None:
         repo, file = named
-        folder = resolve_model(repo, lambda f: [] if (f / file).is_file() else [file], NAME, roots, [file])
+        folder = resolve_model(repo, lambda f: [] if (f / file).is_file() else [file], name, roots, [file])
         return folder / file
     path = Path(setting).expanduser()
     if path.suffix == ".safetensors" or path.is_file():
         if not path.is_file():
             raise ModelNotFound(
-                f"{NAME}: no file at {path}. Looked in: the file named by the setting. "
-                + HOW_TO_FIX.format(name=NAME)
+                f"{name}: no file at {path}. Looked in: the file named by the setting. "
+                + HOW_TO_FIX.format(name=name)
             )
         return path
     patterns = download_patterns(setting) if is_repo_id(setting) else None
-    return resolve_model(setting, missing_controlnet_files, NAME, roots, patterns)
+    return resolve_model(setting, missing_controlnet_files, name, roots, patterns)
 
 
-def _release_file(folder: Path) -> Path:
+def _release_file(folder: Path, name: str) -> Path:
     """The one release in a folder; with several, the one named after the folder (a repo's snapshot)."""
     files = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
     if len(files) == 1:
@@ -152,28 +159,30 @@ def _release_file(folder: Path) -> Path:
     if len(named) == 1:
         return named[0]
     raise ModelNotFound(
-        f"{NAME}: {folder} holds several releases ({', '.join(p.name for p in files)}): "
-        "set CONTROLNET_MODEL to the path of the one to load"
+        f"{name}: {folder} holds several releases ({', '.join(p.name for p in files)}): "
+        "set {name} to the path of the one to load"
     )
 
 
 def _from_folder(
-    folder: Path, transformer_config: Mapping[str, Any], dtype: torch.dtype
+    folder: Path, transformer_config: Mapping[str, Any], dtype: torch.dtype, name: str
 ) -> ZImageControlNetModel:
     try:
         config = ZImageControlNetModel.load_config(folder)
     except (OSError, ValueError) as err:
-        raise _broken(folder, err) from None
-    _check_fits(config, transformer_config, folder)
+        raise _broken(folder, err, name) from None
+    _check_fits(config, transformer_config, folder, name)
     try:
         return ZImageControlNetModel.from_pretrained(
             folder, dtype=dtype, use_safetensors=True, local_files_only=True
         )
     except (OSError, ValueError, SafetensorError, RuntimeError) as err:
-        raise _broken(folder, err) from None
+        raise _broken(folder, err, name) from None
 
 
-def _check_fits(config: Mapping[str, Any], transformer_config: Mapping[str, Any], where: Path) -> None:
+def _check_fits(
+    config: Mapping[str, Any], transformer_config: Mapping[str, Any], where: Path, name: str
+) -> None:
     """A folder made for another transformer would not load, or fail in the first job: said plainly first."""
     wrong = [
         f"{key} {_listed(config.get(key))} (the transformer's: {_listed(transformer_config[key])})"
@@ -182,8 +191,8 @@ def _check_fits(config: Mapping[str, Any], transformer_config: Mapping[str, Any]
     ]
     if wrong:
         raise ModelNotFound(
-            f"{NAME}: {where} does not fit ZIMAGE_MODEL's transformer: {'; '.join(wrong)}. "
-            "Use the Z-Image-Turbo Fun ControlNet Union made for this model."
+            f"{name}: {where} does not fit ZIMAGE_MODEL's transformer: {'; '.join(wrong)}. "
+            "Use the Z-Image-Turbo Fun ControlNet made for this model."
         )
 
 
@@ -191,9 +200,9 @@ def _listed(value: Any) -> list[Any]:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def _broken(where: Path, err: Exception) -> ModelNotFound:
+def _broken(where: Path, err: Exception, name: str) -> ModelNotFound:
     return ModelNotFound(
-        f"{NAME}: {where} is there but cannot be loaded ({load_failure(err)}). "
+        f"{name}: {where} is there but cannot be loaded ({load_failure(err)}). "
         "A file in it is truncated or corrupt: download or copy the weights again."
     )
 

@@ -14,8 +14,9 @@ import base64
 import binascii
 import io
 import re
+import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from PIL import Image, ImageOps
@@ -43,6 +44,8 @@ class Inputs:
     mask: Image.Image | None = None
     # The control map, fitted and preprocessed (src/control/preprocess.py); loaded beside the others.
     control: Image.Image | None = None
+    # Milliseconds of named stages inside the loading (an upscale's `resample`), for `timings`.
+    laps: dict[str, float] = field(default_factory=dict)
 
 
 class PictureFields(Protocol):
@@ -52,6 +55,7 @@ class PictureFields(Protocol):
     image: str | None
     mask: str | None
     outpaint: Margins | None
+    upscale: object | None  # the factor is already in the size; only its presence matters here
 
     @property
     def width(self) -> int: ...
@@ -70,6 +74,10 @@ def load_inputs(request: PictureFields, opened: Image.Image | None = None) -> In
     source = opened if opened is not None else open_input(request.image, "image")
     if request.outpaint is not None:  # the canvas and its mask, as `image` and `mask` (API.md)
         return Inputs(*outpainted(flat_rgb(source), request.outpaint, request.width, request.height))
+    if request.upscale is not None:  # the whole picture at the output size: stretched, never cropped
+        started = time.perf_counter()
+        resampled = flat_rgb(source).resize((request.width, request.height), Image.Resampling.LANCZOS)
+        return Inputs(resampled, laps={"resample": (time.perf_counter() - started) * 1000})
     image = cover_crop(source, request.width, request.height)
     mask = load_mask(request.mask, source.size, request.width, request.height) if request.mask else None
     return Inputs(image, mask)

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from src.request.models import MODELS
-from src.request.pricing import job_cost
+from src.request.pricing import job_cost, per_megapixel
 from src.request.schema import GenerateRequest
 from src.runtime.errors import JobError
 from src.runtime.settings import Settings
@@ -26,6 +26,8 @@ TIMING_KEYS = (
     "safety",
     "encode_image",
     "upload",
+    "resample",
+    "refine",
 )
 
 
@@ -44,12 +46,15 @@ def job_output(
     output: dict[str, Any] = {"image_url": urls[0]}
     if request.num_images > 1:
         output["images"] = [{"image_url": url, "seed": s} for url, s in zip(urls, seeds, strict=True)]
+    price = getattr(settings, MODELS[request.model].price_field)
+    if request.upscale is not None:  # priced by the output's size, whatever the model
+        price = per_megapixel(settings.upscale_price_per_mp_usd, request.width, request.height)
     timings = {key: clock.timings.get(key, 0.0) for key in TIMING_KEYS}
     timings["total"] = clock.total_ms()
     output.update(
         seed=seeds[0],
         cost=job_cost(
-            getattr(settings, MODELS[request.model].price_field),
+            price,
             len(kept),
             settings.prompt_expansion_price_usd if expanded else 0.0,
         ),

@@ -55,6 +55,8 @@ class ControlModels:
     controlnet: ZImageControlNetModel | None = None
     depth: DepthEstimator | None = None
     pose: PoseEstimator | None = None
+    # TILE_CONTROLNET_MODEL, for upscaling; loaded with or without the Union.
+    tile_controlnet: ZImageControlNetModel | None = None
 
 
 def load_control_models(
@@ -64,9 +66,14 @@ def load_control_models(
     dtype: torch.dtype,
     roots: SearchRoots,
 ) -> ControlModels:
-    """The ControlNet, built on the first model's transformer, and the depth and pose models beside it."""
+    """The ControlNets, built on the first model's transformer, and the depth and pose models beside them."""
+    tile = None
+    if settings.tile_control_enabled:
+        tile = load_controlnet(
+            settings.tile_controlnet_model, transformer, dtype, roots, "TILE_CONTROLNET_MODEL"
+        )
     if not settings.control_enabled:
-        return ControlModels()
+        return ControlModels(tile_controlnet=tile)
     # In CPU memory until serve_models moves it, after the memory plan may have stored it in fp8.
     controlnet = load_controlnet(settings.controlnet_model, transformer, dtype, roots)
     depth = pose = None
@@ -79,13 +86,13 @@ def load_control_models(
             settings.pose_detector_model, missing_classifier_files, "POSE_DETECTOR_MODEL", roots
         )
         pose = PoseEstimator.load(pose_folder, detector, device, dtype)
-    return ControlModels(controlnet, depth, pose)
+    return ControlModels(controlnet, depth, pose, tile)
 
 
 def serve_models(
     settings: Settings,
     pipes: dict[str, ZImagePipeline],
-    controlnet: ZImageControlNetModel | None,
+    control: ControlModels,
     device: torch.device,
     clock: Stopwatch,
 ) -> dict[str, ServedModel]:
@@ -94,8 +101,9 @@ def serve_models(
         settings.lora_dirs, settings.lora_cache_path, settings.lora_cache_gb, settings.lora_max_mb
     )
     first = next(iter(pipes))
-    if controlnet is not None:
-        controlnet.to(device)
+    for loaded in (control.controlnet, control.tile_controlnet):
+        if loaded is not None:
+            loaded.to(device)
     models: dict[str, ServedModel] = {}
     for name, pipe in pipes.items():
         # One prompt cache for the models that share one text encoder.
@@ -107,10 +115,12 @@ def serve_models(
         clock.lap("move_to_device")
         # The ControlNet was trained on Turbo; another model gets a view of the same weights
         # wired to its own transformer's embedders (src/control/controlnet.py).
-        control = (
-            controlnet if controlnet is None or name == first else bound_to(controlnet, pipe.transformer)
+        union, tile = (
+            (net if net is None or name == first else bound_to(net, pipe.transformer))
+            for net in (control.controlnet, control.tile_controlnet)
         )
-        generator = ZImageGenerator(pipe, device, control, prompts=shared_prompts)
+        parts = {"tile_controlnet": tile, "upscale_tile": settings.upscale_tile}
+        generator = ZImageGenerator(pipe, device, union, prompts=shared_prompts, parts=parts)
         # Before `accelerate`: a transformer about to be compiled gets its LoRA slots first.
         hotswap = compiles(settings, device)
         loras = LoraAdapters(generator.text_to_image, files, settings.lora_max_loaded, hotswap=hotswap)
@@ -164,14 +174,15 @@ def weigh(
     transformers = unique([pipe.transformer for pipe in pipes.values()])
     encoders = unique([pipe.text_encoder for pipe in pipes.values()])
     vaes = unique([pipe.vae for pipe in pipes.values()])
-    parts = placement.measure(transformers, encoders, vaes, control.controlnet)
-    shapes = placement.shapes_of(transformers[0], vaes[0], encoders[0], control.controlnet)
+    tile = control.tile_controlnet
+    parts = placement.measure(transformers, encoders, vaes, control.controlnet, tile_controlnet=tile)
+    shapes = placement.shapes_of(transformers[0], vaes[0], encoders[0], control.controlnet, tile)
     budget, context = memory_budget(settings, device)
-    job = placement.worst_job(settings.lora_max_loaded)
+    job = placement.worst_job(settings.lora_max_loaded, settings.upscale_tile)
     early = memory.choose(settings.memory_plan, parts, shapes, budget, context, job)  # may refuse
     if early.plan.fp8:
         dtype = transformers[0].dtype
-        for model in [*transformers, control.controlnet]:
+        for model in [*transformers, control.controlnet, tile]:
             if model is not None:
                 store_fp8(model, dtype)
     return Weights(parts, shapes, budget, context, job)
@@ -179,7 +190,7 @@ def weigh(
 
 @dataclass(frozen=True)
 class Weights:
-    parts: memory.Parts  # the transformers, text encoders, VAEs and ControlNet, as loaded
+    parts: memory.Parts  # the transformers, text encoders, VAEs and ControlNets, as loaded
     shapes: memory.Shapes
     budget: float
     context: int
@@ -212,16 +223,21 @@ def plan_memory(
     where = {"transformer": f"on {device.type}"}
     if plan.fp8:
         dtype = generators[0].text_to_image.transformer.dtype
-        for model in [*transformers, control.controlnet]:
+        for model in [*transformers, control.controlnet, control.tile_controlnet]:
             if model is not None:
                 store_fp8(model, dtype)  # those `weigh` did not store already
         cast = sum(placement.is_cast(layer) for model in transformers for layer in model.modules())
         kept = "norms, embedders, final layer as loaded"
         where["transformer"] += f", {cast} layers stored in fp8 ({kept})"
-    if control.controlnet is not None:
-        where["ControlNet"] = f"on {device.type}" + (", stored in fp8 likewise" if plan.fp8 else "")
+    for name, net in (("ControlNet", control.controlnet), ("Tile ControlNet", control.tile_controlnet)):
+        if net is not None:
+            where[name] = f"on {device.type}" + (", stored in fp8 likewise" if plan.fp8 else "")
     residence = Residence([*encoders, own_expander] if own_expander else encoders, device, plan.offloads)
     where["text encoder" + (" and expander" if expander else "")] = residence.where
+    # The LoRA slots the plan keeps (LORA_MAX_LOADED, or fewer where that let an earlier plan fit).
+    job = replace(job, loras=choice.lora_slots)
+    for served in models.values():
+        served.loras.max_loaded = min(settings.lora_max_loaded, choice.lora_slots)
     for generator in generators:
         generator.prompts.residence = residence
         if plan.splits:
@@ -272,5 +288,6 @@ def batch_for(
         control=request.control_image is not None,
         loras=worst.loras,
         expansion=False,
+        upscale=False,  # an upscale is one image: nothing to split
     )
     return memory.largest_batch(plan, parts, shapes, job, budget)

@@ -121,10 +121,10 @@ class Worker:
         control = startup.load_control_models(
             settings, pipes[next(iter(pipes))].transformer, device, dtype, roots
         )
-        if control.controlnet is not None:
+        if control.controlnet is not None or control.tile_controlnet is not None:
             clock.lap("load_control")
         weights = startup.weigh(settings, pipes, control, device)  # may refuse: too little memory
-        models = startup.serve_models(settings, pipes, control.controlnet, device, clock)  # its own laps
+        models = startup.serve_models(settings, pipes, control, device, clock)  # its own laps
         safety = startup.load_safety(settings, roots, device, dtype)
         clock.lap("load_safety_checker")
         expander = startup.load_expander(settings, roots, models)
@@ -206,7 +206,7 @@ class Worker:
         """
         clock = Stopwatch(self.generator.device)
         stop = Stop()
-        request = parse_request(raw_input)
+        request = parse_request(raw_input).with_prompt(self.settings.upscale_prompt)
         served = self._served(request)
         seed = request.seed if request.seed >= 0 else secrets.randbelow(MAX_SEED + 1)
         log.info(
@@ -251,6 +251,8 @@ class Worker:
             stop.set()  # the other fetches, if still running, end at their next check
             raise
         inputs = replace(inputs, control=control)
+        for name, ms in inputs.laps.items():  # stages inside the loading (an upscale's resample)
+            clock.move("load_input", name, ms)
         clock.restart()
 
         # 3. On the GPU, one job at a time: generate, check safety, bring the kept images to the host.

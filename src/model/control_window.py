@@ -44,10 +44,13 @@ class ControlWindow(ModelHook):
     def __init__(self, runs: list[bool]) -> None:
         super().__init__()
         self.runs = runs
-        self.step = 0
+        # The step of each timestep seen: a step is counted by its timestep, not by calls, because
+        # upscaling calls the ControlNet once per tile in every step (src/model/upscale.py).
+        self.steps: dict[float, int] = {}
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        step, self.step = self.step, self.step + 1
+        timestep = kwargs["t"] if "t" in kwargs else args[1]
+        step = self.steps.setdefault(float(timestep.flatten()[0]), len(self.steps))
         if step < len(self.runs) and self.runs[step]:
             return self.fn_ref.original_forward(*args, **kwargs)
         return {}

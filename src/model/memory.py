@@ -9,9 +9,14 @@ largest one sets the peak:
 - encoding: the text encoder over a full-length prompt (and the expander's decoding);
 - denoising: the transformer's widest activations (FFN and attention inputs) over every token
   of the batch, doubled by guidance, plus the ControlNet's hints kept for the whole step;
-- decoding: the VAE decoder's full-resolution feature maps, per image decoded at once.
+- decoding: the VAE decoder's full-resolution feature maps, per image decoded at once;
+- upscaling: one tile's batch (and the Tile ControlNet's hints), one VAE tile's maps, and the
+  canvas's latents and pixels at the largest output (UPSCALE_SIDE square).
 
-The plans, in order; `auto` takes the first whose need fits (API.md, "GPU memory").
+The plans, in order; `auto` takes the first whose need fits (API.md, "GPU memory"). Loaded LoRA
+slots are part of the plan: `auto` keeps the worst job's slots (LORA_MAX_LOADED) where they fit,
+and fewer, never below MIN_LORA_SLOTS, where that lets an earlier plan fit, as vLLM sizes its
+adapter slots to the memory left.
 """
 
 from __future__ import annotations
@@ -35,6 +40,12 @@ TRANSFORMER_WIDTHS = (6, 3)
 DECODER_WIDTHS = 3
 TEXT_WIDTHS = 12  # x the text encoder's hidden size: its FFN (~4x) with attention and residuals
 HEADROOM = 1.10  # allocator fragmentation and small buffers not modelled above
+MIN_LORA_SLOTS = 3  # the adapters one request may use (request.schema.MAX_LORAS): never fewer loaded
+UPSCALE_SIDE = 4096  # the largest upscale output (src/request/upscale.py)
+LATENT_CHANNELS = 16
+# The canvas's latents in fp32 (the latents, the blended prediction, the noise) and in the compute
+# dtype (the encoded picture and the Tile ControlNet's input, 33 of 16 channels: about 2).
+CANVAS_FP32, CANVAS_COMPUTE = 3, 3
 
 
 @dataclass(frozen=True)
@@ -45,17 +56,19 @@ class Parts:
     text_encoder: int
     vae: int
     controlnet: int = 0  # its own weights (the embedders it borrows are the transformer's)
+    tile_controlnet: int = 0  # TILE_CONTROLNET_MODEL's, the same way
     expander: int = 0  # the expander's own weights (those it shares are the text encoder's)
     others: int = 0  # safety checker, depth and pose models: small, always on the device
     # The transformers and ControlNet as the fp8 plan stores them (cast layers at 1 byte a value).
     fp8_transformers: int = 0
     fp8_controlnet: int = 0
+    fp8_tile_controlnet: int = 0
     largest_cast_layer: int = 0  # bytes of the largest layer fp8 casts back for its compute
 
     @property
     def total(self) -> int:
         text = self.text_encoder + self.expander
-        return self.transformers + self.controlnet + text + self.vae + self.others
+        return self.transformers + self.controlnet + self.tile_controlnet + text + self.vae + self.others
 
 
 @dataclass(frozen=True)
@@ -72,6 +85,8 @@ class Shapes:
     value_bytes: int  # 2 in bf16, 4 in fp32
     control_hints: int = 0  # hints the ControlNet adds (its layer places), kept for the step
     lora_bytes: int = 0  # one adapter at LORA_RANK over the transformer's linear layers
+    tile_hints: int = 0  # the same for the Tile ControlNet
+    vae_tile: int = 1024  # the VAE's own tile side (its config's sample_size) where no plan slices it
 
 
 @dataclass(frozen=True)
@@ -85,6 +100,8 @@ class Job:
     control: bool = True  # only where a ControlNet is loaded
     loras: int = 3  # adapters active; loaded ones stay (LORA_MAX_LOADED)
     expansion: bool = True  # only where an expander is loaded
+    upscale: bool = True  # a 4096x4096 upscale (every worker takes them)
+    tile: int = 1024  # UPSCALE_TILE: the side of the tiles it denoises
 
 
 @dataclass(frozen=True)
@@ -137,6 +154,26 @@ def encode_bytes(shapes: Shapes, job: Job) -> int:
     return (count * TEXT_WIDTHS * shapes.text_hidden + cache) * shapes.value_bytes
 
 
+def upscale_bytes(shapes: Shapes, job: Job, plan: Plan, tile_control: bool) -> int:
+    """An upscale's peak: the canvas's latents and pixels, beside the larger of one tile's denoise
+    (with the Tile ControlNet's hints) and one VAE tile's maps (the canvas is encoded and decoded
+    in tiles)."""
+    if not job.upscale:
+        return 0
+    tile = replace(job, width=job.tile, height=job.tile, images=1, control=False)
+    denoise = denoise_bytes(shapes, tile, 1)
+    if tile_control:
+        hints = (2 if job.guidance else 1) * tokens(shapes, job.tile, job.tile) * shapes.tile_hints
+        denoise += hints * shapes.dim * shapes.value_bytes
+    side = TILE_PIXELS if plan.slices else max(TILE_PIXELS, shapes.vae_tile)
+    vae = side * side * DECODER_WIDTHS * sum(shapes.decoder_widths) * shapes.value_bytes
+    latents = (UPSCALE_SIDE // shapes.vae_scale) ** 2 * LATENT_CHANNELS
+    canvas = latents * (CANVAS_FP32 * 4 + CANVAS_COMPUTE * shapes.value_bytes)
+    # The resample in and the result out: fp32 [0, 1] pixels and their bytes, as decode_bytes counts.
+    pixels = 3 * UPSCALE_SIDE * UPSCALE_SIDE * 4 * 2
+    return canvas + pixels + max(denoise, vae)
+
+
 def job_for(parts: Parts, job: Job) -> Job:
     """The job as this set of models can run it: no control without a ControlNet, and so on."""
     control, expansion = job.control and parts.controlnet > 0, job.expansion and parts.expander > 0
@@ -154,6 +191,7 @@ def need(plan: Plan, parts: Parts, shapes: Shapes, job: Job = Job(), batch: int 
         batch = 1 if plan.splits else job.images
     transformers = parts.fp8_transformers if plan.fp8 else parts.transformers
     controlnet = parts.fp8_controlnet if plan.fp8 else parts.controlnet
+    controlnet += parts.fp8_tile_controlnet if plan.fp8 else parts.tile_controlnet
     loras = job.loras * shapes.lora_bytes
     device = transformers + controlnet + parts.vae + parts.others + loras
     if plan.fp8:
@@ -165,7 +203,8 @@ def need(plan: Plan, parts: Parts, shapes: Shapes, job: Job = Job(), batch: int 
     decode = decode_bytes(shapes, job, plan)
     # Offloaded, the text encoder is on the device only while it encodes.
     encode = encode_bytes(shapes, job) + (text if plan.offloads else 0)
-    return int(HEADROOM * (device + max(denoise, decode, encode)))
+    upscale = upscale_bytes(shapes, job, plan, parts.tile_controlnet > 0)
+    return int(HEADROOM * (device + max(denoise, decode, encode, upscale)))
 
 
 def largest_batch(plan: Plan, parts: Parts, shapes: Shapes, job: Job, budget: float) -> int:
@@ -186,6 +225,17 @@ class Choice:
     plan: Plan
     need: int  # bytes, for the worst job
     fits: bool
+    lora_slots: int = MIN_LORA_SLOTS  # adapters kept loaded between jobs
+
+
+def _slots(plan: Plan, parts: Parts, shapes: Shapes, available: float, job: Job) -> Choice:
+    """`plan` with the most LoRA slots that fit, from the worst job's down to MIN_LORA_SLOTS;
+    the worst job's slots, not fitting, when none does."""
+    for slots in range(job.loras, min(job.loras, MIN_LORA_SLOTS) - 1, -1):
+        needed = need(plan, parts, shapes, replace(job, loras=slots))
+        if needed <= available:
+            return Choice(plan, needed, True, slots)
+    return Choice(plan, need(plan, parts, shapes, job), False, job.loras)
 
 
 def choose(
@@ -195,16 +245,16 @@ def choose(
     is taken already: `wanted` by name, or with "auto" the first in PLANS that fits `job`."""
     available = budget - context
     if wanted != "auto":
-        plan = TABLE[wanted]
-        needed = need(plan, parts, shapes, job)
-        return Choice(plan, needed, needed <= available)
+        return _slots(TABLE[wanted], parts, shapes, available, job)
     for name in PLANS:
-        needed = need(TABLE[name], parts, shapes, job)
-        if needed <= available:
-            return Choice(TABLE[name], needed, True)
-    smallest = (needed + context) / GB
+        choice = _slots(TABLE[name], parts, shapes, available, job)
+        if choice.fits:
+            return choice
+    fewest = replace(job, loras=min(job.loras, MIN_LORA_SLOTS))
+    smallest = (need(TABLE["fp8"], parts, shapes, fewest) + context) / GB
     raise MemoryRefusal(
         f"GPU_MEMORY_GB: {budget / GB:.3g} GB is below the {smallest:.3g} GB that the smallest plan "
-        f"(fp8) needs for these models and the largest accepted job: use a card with more memory, or "
-        "load fewer models (ZIMAGE_BASE_MODEL=none, CONTROLNET_MODEL=none, PROMPT_EXPANDER_MODEL=none)"
+        f"(fp8, {MIN_LORA_SLOTS} LoRA slots) needs for these models and the largest accepted job: use a "
+        "card with more memory, or load fewer models (ZIMAGE_BASE_MODEL=none, CONTROLNET_MODEL=none, "
+        "TILE_CONTROLNET_MODEL=none, PROMPT_EXPANDER_MODEL=none)"
     )

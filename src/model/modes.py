@@ -23,11 +23,12 @@ from diffusers import (
 
 from src.inputs.pictures import Inputs
 from src.model.inpaint import InpaintPipeline, composite
+from src.model.upscale import UpscalePipeline
 from src.request.schema import GenerateRequest
 
-# The request fields that pick a mode: the pictures, and `outpaint`, whose canvas and mask
-# (src/inputs/canvas.py) arrive as the image and mask.
-PICTURE_FIELDS = ("image", "mask", "control_image", "outpaint")
+# The request fields that pick a mode: the pictures, `outpaint`, whose canvas and mask
+# (src/inputs/canvas.py) arrive as the image and mask, and `upscale`, whose resample arrives as the image.
+PICTURE_FIELDS = ("image", "mask", "control_image", "outpaint", "upscale")
 
 Arguments = Callable[[Inputs, GenerateRequest], dict[str, Any]]
 Finish = Callable[[torch.Tensor, Inputs], torch.Tensor]
@@ -43,6 +44,11 @@ class Mode:
     finish: Finish | None = None
     # Built with the ControlNet (CONTROLNET_MODEL) beside the shared components; absent without one.
     control: bool = False
+    # What else its pipeline is built with: (its argument, the generator's part), parts that may be
+    # None (the Tile ControlNet, TILE_CONTROLNET_MODEL) or settings (UPSCALE_TILE).
+    parts: tuple[tuple[str, str], ...] = ()
+    # The `timings` stage its denoising is reported in.
+    stage: str = "denoise"
 
 
 def _nothing(inputs: Inputs, request: GenerateRequest) -> dict[str, Any]:
@@ -65,6 +71,15 @@ def _with_control(inputs: Inputs, request: GenerateRequest) -> dict[str, Any]:
     return {"control_image": inputs.control, "controlnet_conditioning_scale": request.control_scale}
 
 
+def _upscale(inputs: Inputs, request: GenerateRequest) -> dict[str, Any]:
+    # The resample (src/inputs/pictures.py); control_scale is the Tile ControlNet's (when loaded).
+    return {
+        "image": inputs.image,
+        "strength": request.strength,
+        "controlnet_conditioning_scale": request.control_scale,
+    }
+
+
 def _inpaint_with_control(inputs: Inputs, request: GenerateRequest) -> dict[str, Any]:
     # No strength: this pipeline regenerates the masked area from noise (request.py refuses one).
     return {**_with_control(inputs, request), "image": inputs.image, "mask_image": inputs.mask}
@@ -77,6 +92,14 @@ MODES: dict[frozenset[str], Mode] = {
     frozenset({"image", "mask"}): Mode("inpainting", InpaintPipeline, _from_image_and_mask, composite),
     # The canvas and its mask (src/inputs/canvas.py) inpainted: the same pipeline and composite.
     frozenset({"image", "outpaint"}): Mode("outpainting", InpaintPipeline, _from_image_and_mask, composite),
+    # The resample refined in blended tiles (src/model/upscale.py), with the Tile ControlNet when loaded.
+    frozenset({"image", "upscale"}): Mode(
+        "upscaling",
+        UpscalePipeline,
+        _upscale,
+        parts=(("controlnet", "tile_controlnet"), ("tile", "upscale_tile")),
+        stage="refine",
+    ),
     frozenset({"control_image"}): Mode(
         "text-to-image with control", ZImageControlNetPipeline, _with_control, control=True
     ),

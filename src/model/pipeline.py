@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import DiffusionPipeline, ZImageControlNetModel, ZImagePipeline
@@ -28,6 +28,7 @@ from src.model.pixels import to_bytes
 from src.model.placement import is_cast
 from src.model.prompts import PromptEncoder
 from src.model.seed_variance import with_seed_variance
+from src.model.upscale import vae_tiles
 from src.request.schema import PRESET_SIZES, GenerateRequest
 from src.runtime.timing import Stopwatch
 
@@ -78,8 +79,10 @@ class ZImageGenerator:
         device: torch.device,
         controlnet: ZImageControlNetModel | None = None,
         prompts: PromptEncoder | None = None,
+        parts: dict[str, Any] | None = None,
     ) -> None:
-        """`prompts`: another model's encoder and cache, when both use the same text encoder."""
+        """`prompts`: another model's encoder and cache, when both use the same text encoder.
+        `parts`: what a mode's pipeline takes beyond the shared components (Mode.parts)."""
         self.device = device
         self.text_to_image = text_to_image
         self.controlnet = controlnet
@@ -92,10 +95,11 @@ class ZImageGenerator:
         self.refusals: dict[str, str] = {}
         for mode in MODES.values():
             if not mode.control:
+                own = {argument: parts[part] for argument, part in mode.parts if part in (parts or {})}
                 self.pipelines[mode.name] = (
                     text_to_image
                     if isinstance(text_to_image, mode.pipeline)
-                    else mode.pipeline(**text_to_image.components)
+                    else mode.pipeline(**text_to_image.components, **own)
                 )
             elif controlnet is None:
                 self.refusals[mode.name] = (
@@ -134,18 +138,21 @@ class ZImageGenerator:
             return
         transformer = self.text_to_image.transformer
         backend = fastest_attention(transformer)
-        if self.controlnet is not None:
+        # Every ControlNet the modes' pipelines hold (the Union, the Tile ControlNet), each once.
+        held = (getattr(pipe, "controlnet", None) for pipe in self.pipelines.values())
+        nets = {id(net): net for net in held if net is not None}.values()
+        for net in nets:
             # The ControlNet's own blocks run attention and linears over the same tokens (2.1: about
             # half the transformer's size), so they get the same treatment. Without its own backend
             # it would follow diffusers' process-wide active one, whatever set it last.
             if backend is not None:
-                self.controlnet.set_attention_backend(backend)
+                net.set_attention_backend(backend)
             log.info("ControlNet attention backend: %s", backend or "diffusers' default")
         if precision == "fp8":
             _float8_matmuls(transformer, "transformer")
-            if self.controlnet is not None:
+            for net in nets:
                 # Its embedders and refiners are the transformer's (from_transformer): quantized once.
-                _float8_matmuls(self.controlnet, "ControlNet", skip=transformer)
+                _float8_matmuls(net, "ControlNet", skip=transformer)
         if compile_blocks:
             # Inductor's default cache lives in /tmp and dies with the container; on disk (a
             # network volume when there is one) a restarted worker skips the compile.
@@ -229,7 +236,7 @@ class ZImageGenerator:
             part = request.model_copy(update={"num_images": count})
             embeds = (prompt_embeds, negative_embeds)
             latents = self._denoise(pipe, mode, part, inputs, seeds, step_end, embeds)
-            clock.lap("denoise")
+            clock.lap(mode.stage)
             parts.append(self._decode(pipe, mode, request, inputs, latents))
             clock.lap("decode")
         return torch.cat(parts) if len(parts) > 1 else parts[0]
@@ -281,9 +288,12 @@ class ZImageGenerator:
         """3. Decode, denormalise to [0, 1]; the images stay on the device."""
         with torch.inference_mode():
             vae = pipe.vae
-            vae.use_tiling = self.tile_above is not None and request.width * request.height > self.tile_above
+            # The plan's threshold, and a tiled mode's own (upscaling tiles its canvas past one tile).
+            limits = [limit for limit in (self.tile_above, getattr(pipe, "tile_above", None)) if limit]
             latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-            decoded = vae.decode(latents, return_dict=False)[0]
+            # Only for this decode: the next job's image-to-image encode must not tile.
+            with vae_tiles(vae, any(request.width * request.height > limit for limit in limits)):
+                decoded = vae.decode(latents, return_dict=False)[0]
             images = pipe.image_processor.postprocess(decoded, output_type="pt")
             # 4. The mode's last step (inpainting puts the kept pixels back); cheap beside the
             #    decode, so timed with it.

@@ -88,6 +88,7 @@ def measure(
     controlnet: torch.nn.Module | None = None,
     expander: torch.nn.Module | None = None,
     others: Iterable[torch.nn.Module | None] = (),
+    tile_controlnet: torch.nn.Module | None = None,
 ) -> Parts:
     """Each part's weights in bytes, every shared tensor counted with the part that loaded it."""
     found_transformers = tensors(transformers)
@@ -95,16 +96,19 @@ def measure(
     found_control = tensors([controlnet])
     fp8_transformers = sum(fp8_bytes(t, {})[0] for t in transformers)  # no two share a tensor
     fp8_control, largest_control = fp8_bytes(controlnet, found_transformers)
+    fp8_tile, largest_tile = fp8_bytes(tile_controlnet, found_transformers)
     return Parts(
         transformers=nbytes(found_transformers),
         text_encoder=nbytes(found_text),
         vae=nbytes(tensors(vaes)),
         controlnet=nbytes(found_control, found_transformers),
+        tile_controlnet=nbytes(tensors([tile_controlnet]), found_transformers),
         expander=nbytes(tensors([expander]), found_text),
         others=nbytes(tensors(others)),
         fp8_transformers=fp8_transformers,
         fp8_controlnet=fp8_control,
-        largest_cast_layer=max([largest_control, *(fp8_bytes(t, {})[1] for t in transformers)]),
+        fp8_tile_controlnet=fp8_tile,
+        largest_cast_layer=max([largest_control, largest_tile, *(fp8_bytes(t, {})[1] for t in transformers)]),
     )
 
 
@@ -113,15 +117,13 @@ def shapes_of(
     vae: torch.nn.Module,
     text_encoder: torch.nn.Module,
     controlnet: torch.nn.Module | None = None,
+    tile_controlnet: torch.nn.Module | None = None,
 ) -> Shapes:
     """The config numbers memory.py scales working memory with."""
     config, vae_config, text_config = transformer.config, vae.config, text_encoder.config
     dim = config.dim
     value_bytes = next(transformer.parameters()).element_size()
-    hints = 0
-    if controlnet is not None:
-        places = controlnet.config.control_layers_places or []
-        hints = len(places) + len(controlnet.config.control_refiner_layers_places or [])
+    hints, tile_hints = hints_of(controlnet), hints_of(tile_controlnet)
     adapters = sum(
         min(memory.LORA_RANK, layer.in_features, layer.out_features)
         * (layer.in_features + layer.out_features)
@@ -140,7 +142,17 @@ def shapes_of(
         value_bytes=value_bytes,
         control_hints=hints,
         lora_bytes=adapters * value_bytes,
+        tile_hints=tile_hints,
+        vae_tile=vae_config.sample_size,
     )
+
+
+def hints_of(controlnet: torch.nn.Module | None) -> int:
+    """The hints a ControlNet adds in a step (its layer places), kept until the transformer uses them."""
+    if controlnet is None:
+        return 0
+    places = controlnet.config.control_layers_places or []
+    return len(places) + len(controlnet.config.control_refiner_layers_places or [])
 
 
 def store_fp8(model: torch.nn.Module, compute: torch.dtype) -> list[str]:
@@ -176,11 +188,13 @@ class Placement:
         budget = "unlimited" if self.budget == math.inf else f"{self.budget / GB:.3g} GB"
         parts = ", ".join(f"{part} {where}" for part, where in self.where.items())
         line = f"memory plan: {self.choice.plan.name} for {budget}: {parts}"
+        line += f", {self.choice.lora_slots} LoRA slots"
         if not self.choice.fits:
             line += f" (forced: it does not fit, the largest job needs {self.choice.need / GB:.3g} GB)"
         return line
 
 
-def worst_job(max_loaded_loras: int) -> Job:
-    """The largest job the contract accepts, with the LoRA adapters that stay loaded."""
-    return Job(loras=max(MAX_LORAS, max_loaded_loras))
+def worst_job(max_loaded_loras: int, upscale_tile: int = Job.tile) -> Job:
+    """The largest job the contract accepts, with the LoRA adapters that stay loaded (the slots the
+    plan may lower to MAX_LORAS) and upscaling's tiles."""
+    return Job(loras=max(MAX_LORAS, max_loaded_loras), tile=upscale_tile)

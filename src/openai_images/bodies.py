@@ -126,10 +126,10 @@ class EditFields(GenerationFields):
 
 
 # What each route's body may hold; `strength` is native, with its own default under a mask, and
-# `outpaint` extends the edited picture (it needs one, so generations have no use for it).
+# `outpaint` and `upscale` extend or enlarge the edited picture (generations have none).
 ROUTES: dict[str, tuple[type[GenerationFields], tuple[str, ...]]] = {
     "/v1/images/generations": (GenerationFields, SHARED + EXTENSIONS),
-    "/v1/images/edits": (EditFields, SHARED + ("strength", "outpaint") + EXTENSIONS),
+    "/v1/images/edits": (EditFields, SHARED + ("strength", "outpaint", "upscale") + EXTENSIONS),
 }
 
 

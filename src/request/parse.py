@@ -17,11 +17,16 @@ from src.lora.files import shown_path
 from src.request.outpaint import Outpaint
 from src.request.schema import FIELDS, GenerateRequest, LoraSpec
 from src.request.seed_variance import SeedVariance
+from src.request.upscale import Upscale
 from src.runtime.errors import JobError
 
 MAX_PROBLEMS = 5
 # The object fields whose errors are named `<field>.<key>`.
-OBJECTS: dict[str, type[BaseModel]] = {"outpaint": Outpaint, "seed_variance": SeedVariance}
+OBJECTS: dict[str, type[BaseModel]] = {
+    "outpaint": Outpaint,
+    "upscale": Upscale,
+    "seed_variance": SeedVariance,
+}
 
 
 def parse_request(raw: Any) -> GenerateRequest:

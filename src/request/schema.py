@@ -22,11 +22,12 @@ from src.lora.files import LORA_PATH_RULE, MAX_LORAS, check_lora_path, shown_pat
 from src.request.models import DEFAULT_MODEL, MAX_STEPS, MODELS
 from src.request.outpaint import OUTPAINT_DEFAULTS, Outpaint
 from src.request.seed_variance import SeedVariance
-from src.request.sizes import AUTO, AUTO_SOURCES, SIZE_RULE, auto_size, parse_size
+from src.request.sizes import AUTO, AUTO_SOURCES, SIZE_RULE, auto_size, parse_size, resolved_size
 from src.request.sizes import MAX_SIDE as MAX_SIDE
 from src.request.sizes import MIN_SIDE as MIN_SIDE
 from src.request.sizes import PRESET_SIZES as PRESET_SIZES
 from src.request.sizes import SIDE_STEP as SIDE_STEP
+from src.request.upscale import UPSCALE_DEFAULTS, Upscale, blank_upscale_prompt, check_upscale
 
 MAX_PROMPT_CHARS = 4000
 MAX_SEED = 2**32 - 1
@@ -179,6 +180,12 @@ class GenerateRequest(BaseModel):
     seed_variance: SeedVariance | None = Field(
         default=None, description='an object {"strength", "fraction", "until"} of numbers'
     )
+    # The resample is made where inputs are fitted (src/inputs/pictures.py); the "upscaling" row of
+    # src/model/modes.py refines it in tiles.
+    upscale: Upscale | None = Field(
+        default=None,
+        description="an object {\"factor\"}, a number over 1.0 and at most 4.0 (with 'image' only)",
+    )
     # Rewritten by the worker's language model before encoding (src/model/expander.py).
     enable_prompt_expansion: bool = Field(
         default=False, description="a boolean, true or false (not a string)"
@@ -196,6 +203,9 @@ class GenerateRequest(BaseModel):
         if raw.get("outpaint") is not None and raw.get("image") is not None:
             # Outpainting: the canvas decides the size, and the margins are made from scratch.
             defaults.update(OUTPAINT_DEFAULTS)
+        if raw.get("upscale") is not None and raw.get("image") is not None:
+            # Upscaling: the factor decides the size, a light refine, the Tile ControlNet's scale.
+            defaults.update(UPSCALE_DEFAULTS)
         return {**defaults, **raw}
 
     @model_validator(mode="after")
@@ -208,6 +218,16 @@ class GenerateRequest(BaseModel):
                 f"from 1 to {card.max_steps} for {self.model} (up to {others})"
             )
         return self
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _upscale_may_leave_the_prompt_out(cls, raw: Any, handler: Any) -> GenerateRequest:
+        """With `upscale` and `image`, an absent or blank prompt is allowed: it stays blank here and
+        the worker refines with UPSCALE_PROMPT (`with_prompt`). Everywhere else blank is a mistake."""
+        blank = blank_upscale_prompt(raw)
+        if blank is None:
+            return handler(raw)
+        return handler({**raw, "prompt": "-"}).model_copy(update={"prompt": blank})
 
     @field_validator("prompt")
     @classmethod
@@ -256,6 +276,12 @@ class GenerateRequest(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _upscale_needs_image_alone(self) -> GenerateRequest:
+        if self.upscale is not None:
+            check_upscale(self)
+        return self
+
+    @model_validator(mode="after")
     def _strength_needs_image(self) -> GenerateRequest:
         if "strength" in self.model_fields_set and self.image is None:
             raise ValueError(
@@ -274,7 +300,9 @@ class GenerateRequest(BaseModel):
     @model_validator(mode="after")
     def _control_fields_need_control_image(self) -> GenerateRequest:
         for name in ("control_preprocess", "control_scale", "control_start", "control_end"):
-            if name in self.model_fields_set and self.control_image is None:
+            # With `upscale`, control_scale is the Tile ControlNet's.
+            tile_scale = name == "control_scale" and self.upscale is not None
+            if name in self.model_fields_set and self.control_image is None and not tile_scale:
                 raise ValueError(
                     f"{name}: only applies with 'control_image': send 'control_image' with it, "
                     f"or leave '{name}' out"
@@ -325,8 +353,14 @@ class GenerateRequest(BaseModel):
     def with_auto_size(self, picture: tuple[int, int]) -> GenerateRequest:
         """The same request at the size `auto` makes of the picture it takes, once that is open:
         of the canvas, with `outpaint`, which is the picture with its margins."""
+        if self.upscale is not None:  # the input times the factor (may refuse, naming upscale.factor)
+            return self.with_size(*self.upscale.output(*picture))
         canvas = self.outpaint.canvas(*picture) if self.outpaint is not None else picture
         return self.with_size(*auto_size(*canvas))
+
+    def with_prompt(self, fallback: str) -> GenerateRequest:
+        """The same request, with `fallback` where the prompt is blank (only upscaling allows that)."""
+        return self if self.prompt.strip() else self.model_copy(update={"prompt": fallback})
 
     def with_size(self, width: int, height: int) -> GenerateRequest:
         """The same request at a resolved size (`auto` once its picture is open)."""
@@ -334,12 +368,13 @@ class GenerateRequest(BaseModel):
 
     @property
     def width(self) -> int:
-        """Only for a resolved size: `auto` is replaced (with_size) before anything asks."""
-        return parse_size(self.size)[0]
+        """Only for a resolved size: `auto` is replaced (with_size) before anything asks. An
+        upscale's size is past the `size` field's bounds (up to 4096 a side), checked by its factor."""
+        return resolved_size(self.size)[0]
 
     @property
     def height(self) -> int:
-        return parse_size(self.size)[1]
+        return resolved_size(self.size)[1]
 
 
 FIELDS = GenerateRequest.model_fields

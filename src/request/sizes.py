@@ -40,6 +40,12 @@ def parse_size(size: str) -> tuple[int, int]:
     return width, height
 
 
+def resolved_size(size: str) -> tuple[int, int]:
+    """A size already checked (by parse_size, or an upscale's factor) -> (width, height)."""
+    width, _, height = size.replace("x", "*").replace("X", "*").partition("*")
+    return int(width), int(height)
+
+
 def auto_size(width: int, height: int) -> tuple[int, int]:
     """A picture's size -> the output size `auto` makes of it.
 

@@ -21,6 +21,11 @@ PRECISIONS = ("bf16", "fp8")
 # The memory plans, least memory-saving first (src/model/memory.py); MEMORY_PLAN takes one or "auto".
 MEMORY_PLANS = ("resident", "sliced", "offload", "fp8")
 ENDPOINT_TYPES = ("queue", "lb")
+UPSCALE_TILES = (512, 2048, 16)  # UPSCALE_TILE's bounds and step
+UPSCALE_PROMPT = (
+    "a high-resolution photograph with sharp, natural fine detail and clean textures, "
+    "faithful to the original picture"
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +86,16 @@ class Settings:
     # The person detector beside it (transformers RTDetrForObjectDetection with a `person` label),
     # found the same way; read only when POSE_MODEL is set.
     pose_detector_model: str = "PekingU/rtdetr_r50vd_coco_o365"
+    # The largest tile side, in pixels, that upscaling refines at once (a multiple of 16 in
+    # 512..2048): Turbo's own sizes; past 1024 fewer tiles, but attention grows with the tile's square.
+    upscale_tile: int = 1024
+    # The prompt an upscale without one refines with: neutral, so the tiles add detail, not content.
+    upscale_prompt: str = UPSCALE_PROMPT
+    # The price of an upscaled image per 1024x1024 pixels of output (a 2048x2048 output is 4 of them).
+    upscale_price_per_mp_usd: float = 0.005
+    # alibaba-pai's Z-Image-Turbo Fun ControlNet Tile 2.1, found like `controlnet_model`, for
+    # upscaling (each tile conditioned on its own resampled pixels); "none" turns it off.
+    tile_controlnet_model: str = "none"
     # Jobs in flight on one worker (Runpod's concurrency_modifier); the GPU still runs one at a
     # time, and the others fetch inputs, encode and upload meanwhile. 1 = strictly one job.
     max_concurrency: int = 2
@@ -127,6 +142,10 @@ class Settings:
     @property
     def control_enabled(self) -> bool:
         return self.controlnet_model.lower() != "none"
+
+    @property
+    def tile_control_enabled(self) -> bool:
+        return self.tile_controlnet_model.lower() != "none"
 
     @property
     def expansion_enabled(self) -> bool:
@@ -208,6 +227,12 @@ class Settings:
                 env, "PROMPT_EXPANSION_PRICE_USD", cls.prompt_expansion_price_usd, 0.0, 1000.0
             ),
             pose_model=text("POSE_MODEL", cls.pose_model),
+            upscale_tile=_upscale_tile(env),
+            upscale_prompt=text("UPSCALE_PROMPT", cls.upscale_prompt),
+            upscale_price_per_mp_usd=_number(
+                env, "UPSCALE_PRICE_PER_MP_USD", cls.upscale_price_per_mp_usd, 0.0, 1000.0
+            ),
+            tile_controlnet_model=text("TILE_CONTROLNET_MODEL", cls.tile_controlnet_model),
             pose_detector_model=text("POSE_DETECTOR_MODEL", cls.pose_detector_model),
             safety_threshold=_number(env, "SAFETY_THRESHOLD", cls.safety_threshold, 0.0, 1.0),
             bucket_endpoint_url=endpoint,
@@ -238,6 +263,16 @@ class Settings:
             port_health=_integer(env, "PORT_HEALTH", port, 1, 65535),
             worker_api_key=text("WORKER_API_KEY", None),
         )
+
+
+def _upscale_tile(env: Mapping[str, str]) -> int:
+    low, high, step = UPSCALE_TILES
+    tile = _integer(env, "UPSCALE_TILE", Settings.upscale_tile, low, high)
+    if tile % step:
+        raise SettingsError(
+            f"UPSCALE_TILE: {tile} is not allowed: it must be a multiple of {step} from {low} to {high}"
+        )
+    return tile
 
 
 def _precision(env: Mapping[str, str]) -> str:

@@ -28,6 +28,11 @@ class Stopwatch:
         """Time measured elsewhere (stages that ran side by side), added to `name`."""
         self.timings[name] = round(self.timings.get(name, 0.0) + ms, 1)
 
+    def move(self, source: str, name: str, ms: float) -> None:
+        """Time already added to `source` that belongs to `name` (a stage inside another one)."""
+        self.timings[source] = round(self.timings.get(source, 0.0) - ms, 1)
+        self.add(name, ms)
+
     def restart(self) -> None:
         """The next lap starts now; the time since the last one is in no stage."""
         self.start = time.perf_counter()
