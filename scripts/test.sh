@@ -5,5 +5,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-# Two test processes, a test file to each (pytest-xdist): the suite takes about half the time.
-.venv/bin/pytest -n 2 --dist loadfile "$@"
+# Three test processes, a test file to each (pytest-xdist): while one waits on a worker process, a
+# server or a time cap, the others use the two cores.
+.venv/bin/pytest -n 3 --dist loadfile "$@"

@@ -208,6 +208,7 @@ class JobQueue:
         self.ping_queries: list[tuple[str, dict[str, str]]] = []  # (worker id, query)
         self.stops: list[str] = []
         self.requests: list[tuple[float, str]] = []
+        self.result_posts: dict[str, list[float]] = {}  # per job, when each result post came
         self.fault: Answer | None = None
         self.done_fault: Answer | None = None
         self.lock = threading.Condition()
@@ -245,10 +246,12 @@ class JobQueue:
             def do_POST(self) -> None:  # noqa: N802
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
                 progress = body.get("status") == "IN_PROGRESS"
-                queue.requests.append((time.monotonic(), "progress" if progress else "done"))
+                job_id = urlsplit(self.path).path.rstrip("/").rsplit("/", 1)[-1]
+                queue.requests.append((now := time.monotonic(), "progress" if progress else "done"))
+                if not progress:
+                    queue.result_posts.setdefault(job_id, []).append(now)
                 if queue.done_fault:
                     return self._fail(queue.done_fault)
-                job_id = urlsplit(self.path).path.rstrip("/").rsplit("/", 1)[-1]
                 queue._record(job_id, body)
                 self._answer(200, {})
 

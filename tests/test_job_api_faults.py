@@ -255,18 +255,19 @@ def wait_for_recovery(log: Path, calls: tuple[str, ...], seconds: float = 15.0) 
         time.sleep(0.2)
 
 
-def back_off_before_success(queue: JobQueue, kind: str, up: float, done_at: float) -> float:
-    """How long the worker waited before the request that succeeded once the API answered again,
-    read from the requests the queue saw, not from the test's clock around the loaded worker.
+def back_off_before_success(requests: list[float], up: float, done_at: float) -> float:
+    """How long the worker waited before the request that succeeded once the API answered again
+    (`requests`: when each request of one call came, as the queue saw them), read from the queue's
+    own records, not from the test's clock around the loaded worker.
 
-    The request that succeeded (the last one before `done_at`) must be the first after `up`: none
-    wasted after recovery; its gap from the failing request before it is the worker's back-off (at
-    most 5 s, so a job waiting in the queue starts within 6 s of the API answering again).
+    The request that succeeded (the last before `done_at`) must follow a failing one from before
+    `up`: none wasted after recovery. Their gap is the worker's back-off (at most 5 s), so a job
+    waiting in the queue starts, and a result is stored, within 6 s of the API answering again.
     """
-    times = queue.times(kind)
-    succeeded = max(t for t in times if t <= done_at)  # the request whose answer did it
-    assert not [t for t in times if up <= t < succeeded], "a request after recovery was wasted"
-    return succeeded - times[times.index(succeeded) - 1]
+    succeeded = max(t for t in requests if t <= done_at)
+    before = [t for t in requests if t < succeeded]
+    assert before and before[-1] < up, "a request after recovery was wasted"
+    return succeeded - before[-1]
 
 
 def lines_with(text: str, log: str) -> list[str]:
@@ -313,8 +314,8 @@ def test_an_outage_of_the_job_api_is_ridden_out_quietly_and_loses_no_result(tiny
     assert busiest_second(late) <= 2 and len(late) <= 2 * (up - takes[0] - 5.0)
     assert busiest_second(queue.times("stop", stops[0] + 5.0, up)) <= 2
     # Recovery: the job queued during the outage starts within 6 s of the API answering.
-    recovery = back_off_before_success(queue, "take", up, queue.taken["job-2"])
-    stored = back_off_before_success(queue, "done", up, queue.finished["in-flight"])
+    recovery = back_off_before_success(queue.times("take"), up, queue.taken["job-2"])
+    stored = back_off_before_success(queue.result_posts["in-flight"], up, queue.finished["in-flight"])
     print(f"job-2 taken after a {recovery:.2f} s back-off; in-flight result stored after {stored:.2f} s")
     assert recovery < 6.0
     # No result lost: the running job finished during the outage; its result was stored after it.
@@ -366,8 +367,8 @@ def test_garbled_answers_429s_and_dropped_connections_are_ridden_out_too(tiny_mo
     print(", ".join(f"{b - a:.2f} s" for a, b in zip(answered_429, after_429, strict=True)))
     assert answered_429 and all(b - a >= 4.9 for a, b in zip(answered_429, after_429, strict=True))
     assert busiest_second(queue.times("take", queue.times("take", down)[0] + 5.0, up)) <= 2
-    recovery = back_off_before_success(queue, "take", up, queue.taken["job-2"])
-    stored = back_off_before_success(queue, "done", up, queue.finished["in-flight"])
+    recovery = back_off_before_success(queue.times("take"), up, queue.taken["job-2"])
+    stored = back_off_before_success(queue.result_posts["in-flight"], up, queue.finished["in-flight"])
     print(f"job-2 taken after a {recovery:.2f} s back-off; in-flight result stored after {stored:.2f} s")
     assert recovery < 6.0 and 0 < stored < 6.0
     assert "error" not in queue.results["in-flight"]

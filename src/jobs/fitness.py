@@ -102,10 +102,19 @@ class Start:
         """Every model the settings name is a complete folder somewhere it is looked for."""
         settings = self._settings()
         roots = self._roots()
-        for setting, missing, name in model_folders(settings):
+        folders = model_folders(settings)
+        # The ControlNets before the preprocessors that serve them: depth and pose load only
+        # with a ControlNet, so a missing ControlNet is the cause to name.
+        for setting, missing, name in (f for f in folders if f[2] not in PREPROCESSORS):
             resolve_model(setting, missing, name, roots)
-        if settings.control_enabled:
-            find_controlnet(settings.controlnet_model, roots)
+        controlnets = (
+            (settings.control_enabled, settings.controlnet_model, "CONTROLNET_MODEL"),
+            (settings.tile_control_enabled, settings.tile_controlnet_model, "TILE_CONTROLNET_MODEL"),
+        )
+        for setting, name in ((setting, name) for on, setting, name in controlnets if on):
+            find_controlnet(setting, roots, name)
+        for setting, missing, name in (f for f in folders if f[2] in PREPROCESSORS):
+            resolve_model(setting, missing, name, roots)
 
     def gpu(self) -> None:
         """The device computes a small product right in the compute dtype (on the GPU thread)."""
@@ -191,6 +200,10 @@ def logged(part: Callable[[], None]) -> Callable[[], None]:
             raise
 
     return check
+
+
+# The models that preprocess a ControlNet's input, loaded only with one.
+PREPROCESSORS = ("DEPTH_MODEL", "POSE_MODEL", "POSE_DETECTOR_MODEL")
 
 
 def model_folders(settings: Settings) -> list[tuple[str, Callable[[Path], list[str]], str]]:
