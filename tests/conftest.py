@@ -29,12 +29,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 # One OpenMP thread per torch process, set before torch is imported here and inherited by every
-# worker a test starts: scripts/test.sh runs two test processes on two cores, and with torch's
+# worker a test starts: scripts/test.sh runs several test processes on two cores, and with torch's
 # default (a thread per core in each) the processes and their workers oversubscribe the cores
-# (measured: 267 s against 151 s for the same four files).
+# (measured with two: 267 s against 151 s for the same four files).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# Files whose tests take longest go first, so that with two test processes (scripts/test.sh:
+# Files whose tests take longest go first, so that with several test processes (scripts/test.sh:
 # pytest-xdist, a file to a process) no long file starts last and runs alone at the end.
 SLOW_FIRST = (
     "test_gpu_bench.py",
