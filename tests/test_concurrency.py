@@ -125,7 +125,8 @@ async def _stop_after_first_step(
         await task
 
 
-def test_a_stopped_job_ends_at_the_next_step_and_the_next_job_gets_the_gpu(worker, monkeypatch):
+def noted_stops(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """An event set once any job's Stop has been set (a platform stop), for the test to wait on."""
     stop_set = threading.Event()
     set_stop = Stop.set
 
@@ -134,6 +135,11 @@ def test_a_stopped_job_ends_at_the_next_step_and_the_next_job_gets_the_gpu(worke
         stop_set.set()
 
     monkeypatch.setattr(Stop, "set", noting)
+    return stop_set
+
+
+def test_a_stopped_job_ends_at_the_next_step_and_the_next_job_gets_the_gpu(worker, monkeypatch):
+    stop_set = noted_stops(monkeypatch)
     steps: list[int] = []
     long_job = {"prompt": "a long one", "size": "512*512", "num_inference_steps": 50, "seed": 1}
     asyncio.run(_stop_after_first_step(worker, steps, long_job, stop_set))

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import threading
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,12 +31,12 @@ from src.openai_images.routes import OpenAIImages
 from src.request.parse import parse_request
 from src.request.upscale import TILE_CONTROL_SCALE, largest_factor
 from src.runtime.errors import JobError
-from src.runtime.gpu import Stop
 from src.runtime.settings import Settings, SettingsError
 from src.runtime.timing import Stopwatch
 from tests.conftest import data_uri_of, decode_data_uri, handle_job, run_input
-from tests.loopback_servers import BUCKET, KEY_ID, SECRET, MotoServer
-from tests.test_concurrency import _stop_after_first_step
+from tests.loopback_servers import BUCKET, KEY_ID, SECRET
+from tests.test_concurrency import _stop_after_first_step, noted_stops
+from tests.test_storage import s3  # noqa: F401 - the module's S3 server on loopback
 from tests.tiny_controlnets import save_tile_controlnet
 from tests.tiny_loras import make_lora, save_lora
 
@@ -276,14 +274,7 @@ def test_the_tile_controlnet_changes_pixels_and_at_scale_zero_does_not(tiled):
 
 
 def test_a_stop_ends_the_refine_at_the_next_tile_step(tiled, monkeypatch):
-    stop_set = threading.Event()
-    set_stop = Stop.set
-
-    def noting(stop: Stop) -> None:
-        set_stop(stop)
-        stop_set.set()
-
-    monkeypatch.setattr(Stop, "set", noting)
+    stop_set = noted_stops(monkeypatch)
     steps: list[int] = []
     asyncio.run(
         _stop_after_first_step(tiled, steps, job(WIDE, strength=1.0, num_inference_steps=8), stop_set)
@@ -321,15 +312,7 @@ def test_an_acceleration_level_forecasts_each_tile_from_its_own_steps(tiled, lev
 
 
 # ------------------------------------------------------------------- 16 MP through a bucket
-@pytest.fixture(scope="module")
-def s3() -> Iterator[MotoServer]:
-    server = MotoServer()
-    server.make_bucket()
-    yield server
-    server.stop()
-
-
-def test_a_4096x4096_output_goes_through_a_bucket(worker, s3):
+def test_a_4096x4096_output_goes_through_a_bucket(worker, s3):  # noqa: F811
     settings = replace(
         worker.settings,
         bucket_endpoint_url=s3.url,
