@@ -159,9 +159,11 @@ def load_expander(
     return PromptExpander.load(folder, model, settings.prompt_expander_model)
 
 
-def warm_up(settings: Settings, models: dict[str, ServedModel]) -> None:
+def warm_up(models: dict[str, ServedModel]) -> None:
+    # Every preset size only where the blocks are compiled: ZIMAGE_COMPILE=1 on a CPU compiles
+    # nothing, and a warm-up over every size there would be seconds of nothing.
     for served in models.values():
-        served.generator.warm_up(compiled=settings.compile, lora_slots=served.loras.slots)
+        served.generator.warm_up(compiled=served.generator.compiled, lora_slots=served.loras.slots)
 
 
 def weigh(

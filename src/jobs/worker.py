@@ -134,7 +134,7 @@ class Worker:
         clock.lap("plan_memory")
         storage = Storage(settings) if settings.storage_enabled else None
         clock.lap("connect_storage")
-        startup.warm_up(settings, models)
+        startup.warm_up(models)
         if expander is not None:
             expander.warm_up()
         clock.lap("warm_up")
