@@ -1,9 +1,9 @@
 """The benchmarks run: the GPU benchmark's full-size model has Z-Image Turbo's real sizes (built
-on the meta device), and the deployed-loop benchmark measures and writes its table."""
+on the meta device), and the cost benchmarks measure and write their tables. The deployed-loop
+benchmark runs as the GPU benchmark's last section (tests/test_gpu_bench.py checks its rows)."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
@@ -25,24 +25,6 @@ def test_full_size_architecture_matches_the_published_model():
     assert 8.0e7 < count["vae"] < 9.0e7  # the FLUX VAE
     assert {p.dtype for p in pipe.transformer.parameters()} == {torch.bfloat16}
     assert pipe.vae_scale_factor == 8 and pipe.transformer.in_channels == 16
-
-
-def test_the_job_loop_benchmark_runs_and_writes_its_table(tmp_path):
-    out = tmp_path / "job_loop.md"
-    done = subprocess.run(
-        [sys.executable, "benchmarks/loop/job_loop.py", "--quick", "--jobs", "3", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    yardstick, row = (json.loads(line) for line in done.stdout.splitlines()[:2])
-    assert yardstick["loop"] == "bare diffusers" and yardstick["jobs_per_s"] > 0
-    assert row["loop"] == "this worker's" and row["max_concurrency"] == 2 and row["jobs"] == 3
-    assert 0 < row["gpu_busy_pct"] <= 100 and row["jobs_per_s"] > 0
-    assert row["vs_bare"] == round(row["jobs_per_s"] / yardstick["jobs_per_s"], 2)
-    assert "| this worker's | 512*512 | 2 | data URI | 3 |" in out.read_text()
 
 
 def test_the_acceleration_benchmark_runs_and_writes_a_row_per_model_and_level(tmp_path):

@@ -163,8 +163,14 @@ def test_sections_measure_what_they_name(tiny_run):
     expected = [(tile, size) for tile in (False, True) for size in sizes]
     assert [(row["tile_controlnet"], row["size"]) for row in ups] == expected
     assert [row["tiles"] for row in ups] == [1, 9, 1, 9] and all(row["refine_ms"] > 0 for row in ups), ups
-    loop = [row for row in rows if row["section"] == "job_loop"]
-    assert loop and ("skipped" in loop[0]) == (not (ROOT / "benchmarks" / "loop" / "job_loop.py").exists())
+    # The job loop: benchmarks/loop/job_loop.py --quick, its yardstick row, then this worker's at
+    # MAX_CONCURRENCY 2 (the only run of that benchmark in the tests: it starts three processes).
+    yardstick, loop = (row for row in rows if row["section"] == "job_loop")
+    assert yardstick["loop"] == "bare diffusers" and yardstick["jobs_per_s"] > 0
+    assert loop["loop"] == "this worker's" and loop["max_concurrency"] == 2 and loop["jobs"] == 8
+    assert 0 < loop["gpu_busy_pct"] <= 100 and loop["jobs_per_s"] > 0
+    assert loop["vs_bare"] == round(loop["jobs_per_s"] / yardstick["jobs_per_s"], 2)
+    assert "| this worker's | 512*512 | 2 | data URI | 8 |" in (tiny_run / "job_loop.md").read_text()
 
 
 def test_table_and_report_from_the_tiny_run(tiny_run, tmp_path):
