@@ -63,11 +63,13 @@ def test_test_input_runs_a_control_job(control_env):
     assert "completed successfully" in done.stdout
 
 
-def test_a_worker_without_a_controlnet_fails_the_control_job_by_name(tiny_model):
-    job = {"input": {"prompt": "a tower", "control_image": data_uri_of(edges_png()), "size": "256*256"}}
-    done = run_cli(worker_env(tiny_model), "--test_input", json.dumps(job))
-    assert done.returncode == 1
-    assert "control_image: this worker has no ControlNet (started with CONTROLNET_MODEL=none)" in done.stdout
+def test_a_worker_without_a_controlnet_fails_the_control_job_by_name(api):
+    # conftest's shared local API: the tiny model, started without a ControlNet.
+    reply = api.runsync({"prompt": "a tower", "control_image": data_uri_of(edges_png()), "size": "256*256"})
+    assert reply["status"] == "FAILED"
+    assert reply["error"].startswith(
+        "control_image: this worker has no ControlNet (started with CONTROLNET_MODEL=none)"
+    )
 
 
 def test_a_missing_controlnet_stops_the_start(tiny_model, tmp_path):

@@ -7,8 +7,9 @@ the model needs at all. Each round imports the floor and the handler in fresh pr
 after the other, so both see the same machine; the table gives their medians and the ratio
 (the target: at most 1.10). handler.py pauses Python's cyclic GC while it imports, which a stock
 worker does not, so a third row imports the floor the same way: against it, the ratio is what
-the handler's own imports add. A second table, from `-X importtime`, lists the largest imports
-the handler adds on top of the floor: what a leaner start would cut next.
+the handler's own imports add. A second table, from the first round's `-X importtime` (every
+import runs with it), lists the largest imports the handler adds on top of the floor: what a
+leaner start would cut next.
 """
 
 from __future__ import annotations
@@ -31,31 +32,24 @@ FLOOR_GC_PAUSED = f"import gc; gc.disable(); {FLOOR}"
 TARGET = 1.10
 
 
-def seconds(statement: str) -> float:
-    """Wall time of `statement` in a fresh interpreter, from its first line to its last."""
+def measured(statement: str) -> tuple[float, dict[str, int]]:
+    """Wall time of `statement` in a fresh interpreter, from its first line to its last, and each
+    module's own import time (microseconds) from the same run's `-X importtime`. (Its per-import
+    line costs every row alike; one process gives both, so a round is three imports, not five.)"""
     code = f"import time; t = time.perf_counter(); {statement}; print(time.perf_counter() - t)"
     done = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, check=True
-    )
-    return float(done.stdout.strip().splitlines()[-1])
-
-
-def import_times(statement: str) -> dict[str, int]:
-    """Each module's own import time (microseconds), from `-X importtime`."""
-    done = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", statement],
+        [sys.executable, "-X", "importtime", "-c", code],
         cwd=ROOT, capture_output=True, text=True, timeout=300, check=True,
     )  # fmt: skip
     times = {}
     for line in done.stderr.splitlines():
         if match := re.match(r"import time:\s+(\d+) \|\s+\d+ \|\s+(.+)$", line):
             times[match[2].strip()] = int(match[1])
-    return times
+    return float(done.stdout.strip().splitlines()[-1]), times
 
 
-def extra_imports(top: int = 12) -> list[dict]:
+def extra_imports(floor: dict[str, int], handler: dict[str, int], top: int = 12) -> list[dict]:
     """The handler's largest own-time imports that the floor does not import, grouped by package."""
-    floor, handler = import_times(FLOOR), import_times(HANDLER)
     by_package: dict[str, int] = {}
     for module, micros in handler.items():
         if module not in floor:
@@ -76,10 +70,12 @@ def main() -> None:
     args = parser.parse_args()
     load = results_file.load_average()
     floor, handler, floor_gc_paused = [], [], []
+    own_times: dict[str, dict[str, int]] = {}  # the first round's, per statement
     for _ in range(args.runs):
-        floor.append(seconds(FLOOR))
-        handler.append(seconds(HANDLER))
-        floor_gc_paused.append(seconds(FLOOR_GC_PAUSED))
+        for runs, statement in ((floor, FLOOR), (handler, HANDLER), (floor_gc_paused, FLOOR_GC_PAUSED)):
+            seconds, times = measured(statement)
+            runs.append(seconds)
+            own_times.setdefault(statement, times)
     ratio = statistics.median(handler) / statistics.median(floor)
     own = statistics.median(handler) / statistics.median(floor_gc_paused)
     rows = [
@@ -101,7 +97,7 @@ def main() -> None:
     ]
     lines = results_file.header("Cold start: import handler against the floor", facts, load_at_start=load)
     lines += results_file.table(rows) + ["", "What the handler imports beyond the floor:", ""]
-    lines += results_file.table(extra_imports())
+    lines += results_file.table(extra_imports(own_times[FLOOR], own_times[HANDLER]))
     print(results_file.write(args.out, lines))
 
 
