@@ -69,3 +69,23 @@ def test_without_cuda_nothing_changes(tiny_model, caplog):
         plain.accelerate("fp8", compile_blocks=False)
     assert backends(plain.text_to_image.transformer) == backends(plain.controlnet) == {None}
     assert "need a CUDA GPU" in caplog.text
+
+
+def test_compile_asked_on_a_cpu_warms_up_one_size_not_every_preset(tiny_model, monkeypatch):
+    """ZIMAGE_COMPILE=1 compiles nothing without CUDA, so the start's warm-up is the plain one: a
+    warm-up over every preset size would be seconds of nothing (the compiled one is in
+    tests/test_lora_compile.py and tests/test_acceleration.py)."""
+    from src.jobs.worker import Worker
+    from src.runtime.settings import Settings
+
+    sizes = []
+    generate = ZImageGenerator.generate
+
+    def noting(self, request, *args, **kwargs):
+        sizes.append(request.size)
+        return generate(self, request, *args, **kwargs)
+
+    monkeypatch.setattr(ZImageGenerator, "generate", noting)
+    worker = Worker.start(Settings(model=str(tiny_model), safety_checker_model="none", compile=True))
+    assert not worker.generator.compiled
+    assert sizes == ["512*512"]
